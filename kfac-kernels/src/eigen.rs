@@ -1,0 +1,282 @@
+//! Damped eigen-inversion: symmetric eigendecomposition of a factor and the
+//! eigenbasis preconditioner
+//! `V = Q_G [ (Q_G^T grad Q_A) / (l_G l_A^T + damping) ] Q_A^T`,
+//! which is `(A ⊗ G + damping I)^{-1} vec(grad)` (damping added once).
+//!
+//! Two forms: the denominators computed on the fly ([`precondition_eigen`]),
+//! or a precomputed `1/(l_G l_A^T + damping)` matrix
+//! ([`eigen_inverse_denominators`] + [`precondition_eigen_precomputed`]).
+//!
+//! ```
+//! use faer::{Mat, Par};
+//! use faer::dyn_stack::{MemBuffer, MemStack};
+//! use kfac_kernels::eigen::*;
+//! let a = Mat::<f64>::from_fn(2, 2, |i, j| if i == j { 2.0 } else { 0.0 });
+//! let g = Mat::<f64>::from_fn(1, 1, |_, _| 3.0);
+//! let (mut qa, mut la) = (Mat::<f64>::zeros(2, 2), vec![0.0; 2]);
+//! let (mut qg, mut lg) = (Mat::<f64>::zeros(1, 1), vec![0.0; 1]);
+//! let mut buf = MemBuffer::new(sym_eigen_scratch::<f64>(2, Par::Seq)
+//!     .or(precondition_eigen_scratch::<f64>(1, 2, Par::Seq)));
+//! sym_eigen(a.as_ref(), &mut la, qa.as_mut(), Par::Seq, MemStack::new(&mut buf)).unwrap();
+//! sym_eigen(g.as_ref(), &mut lg, qg.as_mut(), Par::Seq, MemStack::new(&mut buf)).unwrap();
+//! let mut grad = Mat::<f64>::from_fn(1, 2, |_, j| (j + 1) as f64);
+//! precondition_eigen(grad.as_mut(), qg.as_ref(), &lg, qa.as_ref(), &la, 1.0,
+//!                    Par::Seq, MemStack::new(&mut buf)).unwrap();
+//! // (A ⊗ G + I) is diag(7, 7): V = grad / 7
+//! assert!((grad[(0, 1)] - 2.0 / 7.0).abs() < 1e-14);
+//! ```
+
+use crate::{check, Error, Real, Result};
+use faer::dyn_stack::{MemStack, StackReq};
+use faer::linalg::evd::{self, ComputeEigenvectors};
+use faer::linalg::matmul::matmul;
+use faer::linalg::{temp_mat_scratch, temp_mat_zeroed};
+use faer::mat::AsMatMut;
+use faer::prelude::{Reborrow, ReborrowMut};
+use faer::{Accum, MatMut, MatRef, Par};
+
+/// Scratch needed by [`sym_eigen`] for a `dim x dim` matrix.
+pub fn sym_eigen_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
+    StackReq::all_of(&[
+        temp_mat_scratch::<T>(dim, dim),
+        temp_mat_scratch::<T>(dim, 1),
+        evd::self_adjoint_evd_scratch::<T>(dim, ComputeEigenvectors::Yes, par, Default::default()),
+    ])
+}
+
+/// Symmetric eigendecomposition `A = Q diag(l) Q^T` of a factor, reading only
+/// its lower triangle; eigenvalues ascending, negative ones (rounding noise of
+/// a PSD factor) clamped to zero.
+///
+/// # Errors
+/// [`Error::DimensionMismatch`] / [`Error::LengthMismatch`] for shapes,
+/// [`Error::NonFinite`] for a NaN/Inf in the lower triangle,
+/// [`Error::EigenNoConvergence`], [`Error::ScratchTooSmall`]. Outputs are
+/// untouched on error (the decomposition is computed in scratch).
+pub fn sym_eigen<T: Real>(
+    a: MatRef<'_, T>,
+    eigenvalues: &mut [T],
+    mut eigenvectors: MatMut<'_, T>,
+    par: Par,
+    stack: &mut MemStack,
+) -> Result<()> {
+    let n = check::square("factor", a)?;
+    check::len("eigenvalues", eigenvalues.len(), n)?;
+    check::shape_mut("eigenvectors", &eigenvectors, n, n)?;
+    check::finite_lower("factor", a)?;
+    check::stack(stack, sym_eigen_scratch::<T>(n, par))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (mut u, stack) = temp_mat_zeroed::<T, _, _>(n, n, stack);
+    let mut u = u.as_mat_mut();
+    let (mut s, stack) = temp_mat_zeroed::<T, _, _>(n, 1, stack);
+    let mut s = s.as_mat_mut();
+    evd::self_adjoint_evd(
+        a,
+        s.rb_mut().col_mut(0).as_diagonal_mut(),
+        Some(u.rb_mut()),
+        par,
+        stack,
+        Default::default(),
+    )
+    .map_err(|_| Error::EigenNoConvergence { dim: n })?;
+    for (i, l) in eigenvalues.iter_mut().enumerate() {
+        let v = s[(i, 0)];
+        *l = if v > T::ZERO { v } else { T::ZERO };
+    }
+    eigenvectors.copy_from(u.rb());
+    Ok(())
+}
+
+/// Scratch needed by the eigen preconditioners for a `d_out x d_in` gradient.
+pub fn precondition_eigen_scratch<T: Real>(d_out: usize, d_in: usize, par: Par) -> StackReq {
+    let _ = par;
+    StackReq::all_of(&[
+        temp_mat_scratch::<T>(d_out, d_in),
+        temp_mat_scratch::<T>(d_out, d_in),
+    ])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_eigen_args<T: Real>(
+    grad: &MatMut<'_, T>,
+    qg: MatRef<'_, T>,
+    lg: Option<&[T]>,
+    qa: MatRef<'_, T>,
+    la: Option<&[T]>,
+    par: Par,
+    stack: &MemStack,
+) -> Result<()> {
+    let (d_out, d_in) = (grad.nrows(), grad.ncols());
+    check::shape("Q_G", qg, d_out, d_out)?;
+    check::shape("Q_A", qa, d_in, d_in)?;
+    if let Some(lg) = lg {
+        check::len("l_G", lg.len(), d_out)?;
+        check::finite_slice("l_G", lg)?;
+        if let Some(i) = lg.iter().position(|&v| v < T::ZERO) {
+            return Err(Error::InvalidParameter {
+                what: "l_G eigenvalue",
+                value: lg[i].to_f64(),
+                expected: "a value >= 0",
+            });
+        }
+    }
+    if let Some(la) = la {
+        check::len("l_A", la.len(), d_in)?;
+        check::finite_slice("l_A", la)?;
+        if let Some(i) = la.iter().position(|&v| v < T::ZERO) {
+            return Err(Error::InvalidParameter {
+                what: "l_A eigenvalue",
+                value: la[i].to_f64(),
+                expected: "a value >= 0",
+            });
+        }
+    }
+    check::finite("gradient", grad.rb())?;
+    check::finite("Q_G", qg)?;
+    check::finite("Q_A", qa)?;
+    check::stack(stack, precondition_eigen_scratch::<T>(d_out, d_in, par))
+}
+
+/// The four-matmul sandwich around an elementwise `scale` of the eigenbasis
+/// gradient: `grad <- Q_G scale(Q_G^T grad Q_A) Q_A^T`.
+fn sandwich<T: Real>(
+    mut grad: MatMut<'_, T>,
+    qg: MatRef<'_, T>,
+    qa: MatRef<'_, T>,
+    par: Par,
+    stack: &mut MemStack,
+    scale: impl Fn(usize, &mut [T]),
+) {
+    let (d_out, d_in) = (grad.nrows(), grad.ncols());
+    if d_out == 0 || d_in == 0 {
+        return;
+    }
+    let (mut t1, stack) = temp_mat_zeroed::<T, _, _>(d_out, d_in, stack);
+    let mut t1 = t1.as_mat_mut();
+    let (mut t2, _) = temp_mat_zeroed::<T, _, _>(d_out, d_in, stack);
+    let mut t2 = t2.as_mat_mut();
+    matmul(
+        t1.rb_mut(),
+        Accum::Replace,
+        qg.transpose(),
+        grad.rb(),
+        T::ONE,
+        par,
+    );
+    matmul(t2.rb_mut(), Accum::Replace, t1.rb(), qa, T::ONE, par);
+    for j in 0..d_in {
+        let mut col = t2.rb_mut().col_mut(j);
+        if let Some(c) = col.rb_mut().try_as_col_major_mut() {
+            scale(j, c.as_slice_mut());
+        }
+    }
+    matmul(t1.rb_mut(), Accum::Replace, qg, t2.rb(), T::ONE, par);
+    matmul(
+        grad.rb_mut(),
+        Accum::Replace,
+        t1.rb(),
+        qa.transpose(),
+        T::ONE,
+        par,
+    );
+}
+
+/// Eigen preconditioning in place, denominators on the fly:
+/// `grad <- Q_G [ (Q_G^T grad Q_A) / (l_G l_A^T + damping) ] Q_A^T`.
+///
+/// * `grad`: `d_out x d_in` (bias folded in as the last column), any strides.
+/// * `qg`, `lg`: eigenvectors (`d_out x d_out`) and eigenvalues of `G`.
+/// * `qa`, `la`: eigenvectors (`d_in x d_in`) and eigenvalues of `A`.
+///
+/// Flops: `2 d_out d_in (d_out + d_in)` multiply-adds (four matmuls).
+///
+/// # Errors
+/// Shape and length mismatches, [`Error::NonFinite`] inputs, negative
+/// eigenvalues, `damping` not finite and `> 0`, [`Error::ScratchTooSmall`].
+/// `grad` is untouched on error.
+#[allow(clippy::too_many_arguments)]
+pub fn precondition_eigen<T: Real>(
+    grad: MatMut<'_, T>,
+    qg: MatRef<'_, T>,
+    lg: &[T],
+    qa: MatRef<'_, T>,
+    la: &[T],
+    damping: T,
+    par: Par,
+    stack: &mut MemStack,
+) -> Result<()> {
+    check::positive_param("damping", damping)?;
+    check_eigen_args(&grad, qg, Some(lg), qa, Some(la), par, stack)?;
+    sandwich(grad, qg, qa, par, stack, |j, col| {
+        let a = la[j];
+        for (v, &g) in col.iter_mut().zip(lg) {
+            *v /= g * a + damping;
+        }
+    });
+    Ok(())
+}
+
+/// The precomputed denominators `out[i, j] = 1 / (l_G[i] l_A[j] + damping)`.
+///
+/// # Errors
+/// [`Error::DimensionMismatch`] if `out` is not `len(l_G) x len(l_A)`,
+/// non-finite or negative eigenvalues, `damping` not finite and `> 0`.
+pub fn eigen_inverse_denominators<T: Real>(
+    mut out: MatMut<'_, T>,
+    lg: &[T],
+    la: &[T],
+    damping: T,
+) -> Result<()> {
+    check::shape_mut("denominators", &out, lg.len(), la.len())?;
+    check::positive_param("damping", damping)?;
+    check::finite_slice("l_G", lg)?;
+    check::finite_slice("l_A", la)?;
+    for (what, l) in [("l_G eigenvalue", lg), ("l_A eigenvalue", la)] {
+        if let Some(i) = l.iter().position(|&v| v < T::ZERO) {
+            return Err(Error::InvalidParameter {
+                what,
+                value: l[i].to_f64(),
+                expected: "a value >= 0",
+            });
+        }
+    }
+    for (j, &a) in la.iter().enumerate() {
+        for (i, &g) in lg.iter().enumerate() {
+            out[(i, j)] = T::ONE / (g * a + damping);
+        }
+    }
+    Ok(())
+}
+
+/// Eigen preconditioning in place with precomputed denominators `inv_denom`
+/// (from [`eigen_inverse_denominators`]):
+/// `grad <- Q_G [ (Q_G^T grad Q_A) ∘ inv_denom ] Q_A^T`.
+///
+/// # Errors
+/// As [`precondition_eigen`]; `inv_denom` must be `d_out x d_in` and finite.
+pub fn precondition_eigen_precomputed<T: Real>(
+    grad: MatMut<'_, T>,
+    qg: MatRef<'_, T>,
+    qa: MatRef<'_, T>,
+    inv_denom: MatRef<'_, T>,
+    par: Par,
+    stack: &mut MemStack,
+) -> Result<()> {
+    check::shape("denominators", inv_denom, grad.nrows(), grad.ncols())?;
+    check::finite("denominators", inv_denom)?;
+    check_eigen_args(&grad, qg, None, qa, None, par, stack)?;
+    sandwich(grad, qg, qa, par, stack, |j, col| {
+        let d = inv_denom.col(j);
+        match d.try_as_col_major() {
+            Some(d) => T::simd_mul_assign(col, d.as_slice()),
+            None => {
+                for (i, v) in col.iter_mut().enumerate() {
+                    *v *= d[i];
+                }
+            }
+        }
+    });
+    Ok(())
+}

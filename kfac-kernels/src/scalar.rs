@@ -1,0 +1,216 @@
+//! The scalar types the kernels are generic over (`f32` and `f64`).
+//!
+//! [`Real`] is sealed: it bundles the faer field traits, the arithmetic the
+//! kernels use, and a few SIMD slice primitives dispatched through pulp.
+
+use core::fmt::{Debug, Display};
+use core::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// A real floating-point scalar supported by every kernel: `f32` or `f64`.
+///
+/// ```
+/// use kfac_kernels::Real;
+/// fn twice<T: Real>(x: T) -> T { x + x }
+/// assert_eq!(twice(1.5f32), 3.0);
+/// assert_eq!(<f64 as Real>::from_f64(0.25), 0.25);
+/// ```
+pub trait Real:
+    faer::traits::RealField
+    + faer::traits::ComplexField<Real = Self>
+    + Copy
+    + PartialOrd
+    + Default
+    + Debug
+    + Display
+    + Send
+    + Sync
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
+    + 'static
+    + sealed::Sealed
+{
+    /// Additive identity.
+    const ZERO: Self;
+    /// Multiplicative identity.
+    const ONE: Self;
+    /// Machine epsilon (distance from 1 to the next representable value).
+    const EPSILON: Self;
+    /// The type's name, used in error messages and benches.
+    const NAME: &'static str;
+    /// Converts from `f64`, rounding to nearest.
+    fn from_f64(x: f64) -> Self;
+    /// Converts from `usize` (exact below 2^24 for `f32`, 2^53 for `f64`).
+    fn from_usize(x: usize) -> Self;
+    /// Widens to `f64` (exact).
+    fn to_f64(self) -> f64;
+    /// `true` unless NaN or infinite.
+    fn is_finite_val(self) -> bool;
+    /// Square root (libm, so available without std).
+    fn sqrt_val(self) -> Self;
+    /// Absolute value.
+    fn abs_val(self) -> Self;
+    /// `y[i] += alpha * x[i]` for `i < min(len)`, vectorized with pulp.
+    fn simd_axpy(alpha: Self, x: &[Self], y: &mut [Self]);
+    /// `sum_i x[i] * y[i]` for `i < min(len)`, vectorized with pulp.
+    fn simd_dot(x: &[Self], y: &[Self]) -> Self;
+    /// `y[i] *= x[i]` for `i < min(len)`, vectorized with pulp.
+    fn simd_mul_assign(y: &mut [Self], x: &[Self]);
+}
+
+macro_rules! impl_real {
+    ($t:ty, $name:literal, $sqrt:path, $as_simd:ident, $as_mut_simd:ident, $splat:ident, $mul_add:ident, $mul:ident, $add:ident, $reduce:ident) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const EPSILON: Self = <$t>::EPSILON;
+            const NAME: &'static str = $name;
+            #[inline]
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            #[inline]
+            fn from_usize(x: usize) -> Self {
+                x as $t
+            }
+            #[inline]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline]
+            fn is_finite_val(self) -> bool {
+                self.is_finite()
+            }
+            #[inline]
+            fn sqrt_val(self) -> Self {
+                $sqrt(self)
+            }
+            #[inline]
+            fn abs_val(self) -> Self {
+                if self < 0.0 {
+                    -self
+                } else {
+                    self
+                }
+            }
+            fn simd_axpy(alpha: Self, x: &[Self], y: &mut [Self]) {
+                struct Op<'a> {
+                    alpha: $t,
+                    x: &'a [$t],
+                    y: &'a mut [$t],
+                }
+                impl pulp::WithSimd for Op<'_> {
+                    type Output = ();
+                    #[inline(always)]
+                    fn with_simd<S: pulp::Simd>(self, simd: S) {
+                        let n = self.x.len().min(self.y.len());
+                        let (xh, xt) = S::$as_simd(&self.x[..n]);
+                        let (yh, yt) = S::$as_mut_simd(&mut self.y[..n]);
+                        let a = simd.$splat(self.alpha);
+                        for (y, x) in yh.iter_mut().zip(xh) {
+                            *y = simd.$mul_add(a, *x, *y);
+                        }
+                        for (y, x) in yt.iter_mut().zip(xt) {
+                            *y += self.alpha * *x;
+                        }
+                    }
+                }
+                pulp::Arch::new().dispatch(Op { alpha, x, y });
+            }
+            fn simd_dot(x: &[Self], y: &[Self]) -> Self {
+                struct Op<'a> {
+                    x: &'a [$t],
+                    y: &'a [$t],
+                }
+                impl pulp::WithSimd for Op<'_> {
+                    type Output = $t;
+                    #[inline(always)]
+                    fn with_simd<S: pulp::Simd>(self, simd: S) -> $t {
+                        let n = self.x.len().min(self.y.len());
+                        let (xh, xt) = S::$as_simd(&self.x[..n]);
+                        let (yh, yt) = S::$as_simd(&self.y[..n]);
+                        // Four independent accumulators hide the FMA latency.
+                        let mut acc = [simd.$splat(0.0); 4];
+                        let mut xc = xh.chunks_exact(4);
+                        let mut yc = yh.chunks_exact(4);
+                        for (xs, ys) in (&mut xc).zip(&mut yc) {
+                            for k in 0..4 {
+                                acc[k] = simd.$mul_add(xs[k], ys[k], acc[k]);
+                            }
+                        }
+                        for (x, y) in xc.remainder().iter().zip(yc.remainder()) {
+                            acc[0] = simd.$mul_add(*x, *y, acc[0]);
+                        }
+                        let s01 = simd.$add(acc[0], acc[1]);
+                        let s23 = simd.$add(acc[2], acc[3]);
+                        let mut total = simd.$reduce(simd.$add(s01, s23));
+                        for (x, y) in xt.iter().zip(yt) {
+                            total += *x * *y;
+                        }
+                        total
+                    }
+                }
+                pulp::Arch::new().dispatch(Op { x, y })
+            }
+            fn simd_mul_assign(y: &mut [Self], x: &[Self]) {
+                struct Op<'a> {
+                    x: &'a [$t],
+                    y: &'a mut [$t],
+                }
+                impl pulp::WithSimd for Op<'_> {
+                    type Output = ();
+                    #[inline(always)]
+                    fn with_simd<S: pulp::Simd>(self, simd: S) {
+                        let n = self.x.len().min(self.y.len());
+                        let (xh, xt) = S::$as_simd(&self.x[..n]);
+                        let (yh, yt) = S::$as_mut_simd(&mut self.y[..n]);
+                        for (y, x) in yh.iter_mut().zip(xh) {
+                            *y = simd.$mul(*x, *y);
+                        }
+                        for (y, x) in yt.iter_mut().zip(xt) {
+                            *y *= *x;
+                        }
+                    }
+                }
+                pulp::Arch::new().dispatch(Op { x, y });
+            }
+        }
+    };
+}
+
+impl_real!(
+    f32,
+    "f32",
+    libm::sqrtf,
+    as_simd_f32s,
+    as_mut_simd_f32s,
+    splat_f32s,
+    mul_add_f32s,
+    mul_f32s,
+    add_f32s,
+    reduce_sum_f32s
+);
+impl_real!(
+    f64,
+    "f64",
+    libm::sqrt,
+    as_simd_f64s,
+    as_mut_simd_f64s,
+    splat_f64s,
+    mul_add_f64s,
+    mul_f64s,
+    add_f64s,
+    reduce_sum_f64s
+);

@@ -1,0 +1,18 @@
+//! # kfac
+//!
+//! A Rust engine for distributed K-FAC (Kronecker-Factored Approximate
+//! Curvature) second-order optimization. This facade crate re-exports the
+//! workspace's crates; it also owns the cross-crate property tests
+//! (`tests/`), the criterion benches (`benches/`) and the examples.
+//!
+//! * [`kernels`]: the `no_std` numerical kernels (factor updates, conv2d patch
+//!   statistics, damped eigen- and Cholesky inversion, Kronecker
+//!   preconditioning, packed storage, KL clipping). The math conventions are
+//!   written once, in its crate docs.
+//!
+//! ```
+//! use kfac::kernels::factor::factor_dim;
+//! assert_eq!(factor_dim(784, true), 785);
+//! ```
+
+pub use kfac_kernels as kernels;
