@@ -16,3 +16,8 @@
 //! ```
 
 pub use kfac_kernels as kernels;
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

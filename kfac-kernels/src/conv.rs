@@ -144,7 +144,7 @@ impl<'a, T> ImageRef<'a, T> {
     /// # Errors
     /// [`Error::InvalidGeometry`] if the largest offset falls outside `data`.
     pub fn with_strides(data: &'a [T], dims: [usize; 4], strides: [usize; 4]) -> Result<Self> {
-        if dims.iter().any(|&d| d == 0) {
+        if dims.contains(&0) {
             return Ok(Self {
                 data,
                 dims,

@@ -111,7 +111,7 @@ pub fn kron_damped_solve_scratch<T: Real>(d_out: usize, d_in: usize, par: Par) -
 /// `x <- V` with `(A ⊗ G + damping I) vec(V) = vec(x)`, for symmetric PSD
 /// `A` (`d_in x d_in`) and `G` (`d_out x d_out`), reading their lower
 /// triangles. Eigendecomposes both (in scratch) and applies
-/// [`precondition_eigen`](crate::eigen::precondition_eigen).
+/// [`precondition_eigen`].
 ///
 /// # Errors
 /// As [`sym_eigen`] and [`precondition_eigen`]; `x` is untouched on error.

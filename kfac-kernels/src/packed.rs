@@ -29,16 +29,15 @@ pub use half::{bf16, f16};
 
 /// `n (n + 1) / 2`, or `None` on overflow.
 pub const fn packed_len(n: usize) -> Option<usize> {
-    match n.checked_add(1) {
-        Some(n1) => match (if n % 2 == 0 { n / 2 } else { n }).checked_mul(if n % 2 == 0 {
-            n1
-        } else {
-            n1 / 2
-        }) {
-            Some(v) => Some(v),
-            None => None,
-        },
-        None => None,
+    let Some(n1) = n.checked_add(1) else {
+        return None;
+    };
+    // One of n, n + 1 is even: halve that one first so only a true overflow
+    // of the result fails.
+    if n & 1 == 0 {
+        (n / 2).checked_mul(n1)
+    } else {
+        n.checked_mul(n1 / 2)
     }
 }
 
