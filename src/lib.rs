@@ -16,6 +16,7 @@
 //! ```
 
 pub use kfac_kernels as kernels;
+pub use kfac_runtime as runtime;
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -1,0 +1,230 @@
+//! Preconditioner configuration: validated values with documented defaults.
+
+use crate::{Error, Result};
+
+/// How the Fisher blocks are inverted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Method {
+    /// Eigendecompositions of A and G; `(A ⊗ G + damping I)^{-1}` exactly.
+    #[default]
+    Eigen,
+    /// Damped Cholesky inverses with factored Tikhonov damping.
+    Inverse,
+}
+
+/// Floating-point precision of the eigendecompositions (factors are kept
+/// in f32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Decompose in f32.
+    F32,
+    /// Widen to f64, decompose, round the results to f32.
+    #[default]
+    F64,
+}
+
+/// Numerical conventions: ours (the crate docs of `kfac-kernels`) or
+/// kfac-pytorch 0.4's, reproduced exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Compat {
+    /// Martens & Grosse / KFC conventions (see `kfac_kernels`).
+    #[default]
+    Native,
+    /// kfac-pytorch 0.4: factors start at the identity and use a fixed decay,
+    /// conv statistics divided by `n S^3`, micro-batch statistics averaged,
+    /// f32 eigendecompositions with precomputed denominators, and full
+    /// damping on each factor for the inverse method.
+    KfacPytorch,
+}
+
+/// A per-step value (damping or learning rate).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Schedule {
+    /// The same value every step.
+    Constant(f64),
+    /// `values[i]` from step `boundaries[i-1]` (inclusive) on; `values[0]`
+    /// before `boundaries[0]`. `values.len() == boundaries.len() + 1`,
+    /// boundaries strictly increasing. Steps count from 0.
+    Piecewise {
+        /// Steps at which the value changes.
+        boundaries: Vec<u64>,
+        /// The values.
+        values: Vec<f64>,
+    },
+    /// The caller supplies the value before each step
+    /// (`Preconditioner::set_damping` / `set_lr`); starts at the given value.
+    PerStep(f64),
+}
+
+impl Schedule {
+    /// The value at `step` (for `PerStep`, the initial value).
+    ///
+    /// ```
+    /// use kfac_runtime::Schedule;
+    /// let s = Schedule::Piecewise { boundaries: vec![10, 20], values: vec![1.0, 0.5, 0.1] };
+    /// assert_eq!(s.at(0), 1.0);
+    /// assert_eq!(s.at(10), 0.5);
+    /// assert_eq!(s.at(25), 0.1);
+    /// ```
+    pub fn at(&self, step: u64) -> f64 {
+        match self {
+            Schedule::Constant(v) | Schedule::PerStep(v) => *v,
+            Schedule::Piecewise { boundaries, values } => {
+                let i = boundaries.partition_point(|&b| b <= step);
+                values[i.min(values.len().saturating_sub(1))]
+            }
+        }
+    }
+
+    fn validate(&self, field: &'static str, positive: bool) -> Result<()> {
+        let ok = |v: f64| v.is_finite() && if positive { v > 0.0 } else { v >= 0.0 };
+        let bad = |reason: String| Error::InvalidConfig { field, reason };
+        match self {
+            Schedule::Constant(v) | Schedule::PerStep(v) => {
+                if !ok(*v) {
+                    return Err(bad(format!(
+                        "{v} is not a finite value {}",
+                        if positive { "> 0" } else { ">= 0" }
+                    )));
+                }
+            }
+            Schedule::Piecewise { boundaries, values } => {
+                if values.len() != boundaries.len() + 1 {
+                    return Err(bad(format!(
+                        "piecewise schedule needs boundaries.len() + 1 values, got {} boundaries and {} values",
+                        boundaries.len(),
+                        values.len()
+                    )));
+                }
+                if boundaries.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(bad(
+                        "piecewise boundaries must be strictly increasing".into()
+                    ));
+                }
+                if let Some(v) = values.iter().find(|v| !ok(**v)) {
+                    return Err(bad(format!("piecewise value {v} is out of range")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// All settings of a [`Preconditioner`](crate::Preconditioner).
+///
+/// ```
+/// use kfac_runtime::{Config, Method};
+/// let cfg = Config { method: Method::Inverse, ..Config::default() };
+/// cfg.validate().unwrap();
+/// assert_eq!(cfg.factor_decay, 0.95);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Tikhonov damping added to the Fisher block. Default: constant 1e-3.
+    pub damping: Schedule,
+    /// Running-average decay `xi` of the factors, in `[0, 1)`. Default 0.95.
+    pub factor_decay: f64,
+    /// KL clipping threshold; `None` disables clipping. Default `Some(1e-3)`.
+    pub kl_clip: Option<f64>,
+    /// Learning rate, used only by KL clipping. Default: constant 0.1.
+    pub lr: Schedule,
+    /// Factors are updated every this many steps (>= 1). Default 1.
+    pub factor_update_steps: u64,
+    /// Inverses are recomputed every this many steps (>= 1), and always on
+    /// the first step. Default 10.
+    pub inv_update_steps: u64,
+    /// Eigen or inverse method. Default eigen.
+    pub method: Method,
+    /// Precision of the eigendecompositions. Default f64.
+    pub eigen_precision: Precision,
+    /// Precompute `1/(l_G l_A^T + damping)` at the inverse step (eigen
+    /// method). Default false (computed on the fly).
+    pub precompute_denominators: bool,
+    /// Names of layers that are registered but not preconditioned (their
+    /// gradients pass through unchanged). Default empty.
+    pub exclude: Vec<String>,
+    /// Numerical conventions. Default native.
+    pub compat: Compat,
+    /// Worker threads for independent layers (0: rayon's default, the
+    /// number of cores). Default 0.
+    pub threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            damping: Schedule::Constant(1e-3),
+            factor_decay: 0.95,
+            kl_clip: Some(1e-3),
+            lr: Schedule::Constant(0.1),
+            factor_update_steps: 1,
+            inv_update_steps: 10,
+            method: Method::Eigen,
+            eigen_precision: Precision::F64,
+            precompute_denominators: false,
+            exclude: Vec::new(),
+            compat: Compat::Native,
+            threads: 0,
+        }
+    }
+}
+
+impl Config {
+    /// kfac-pytorch 0.4's defaults and conventions: `compat = KfacPytorch`,
+    /// f32 eigendecompositions, precomputed denominators.
+    ///
+    /// ```
+    /// let c = kfac_runtime::Config::kfac_pytorch();
+    /// assert!(c.precompute_denominators);
+    /// ```
+    pub fn kfac_pytorch() -> Self {
+        Self {
+            compat: Compat::KfacPytorch,
+            eigen_precision: Precision::F32,
+            precompute_denominators: true,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        self.damping.validate("damping", true)?;
+        self.lr.validate("lr", false)?;
+        if !(self.factor_decay.is_finite() && (0.0..1.0).contains(&self.factor_decay)) {
+            return Err(Error::InvalidConfig {
+                field: "factor_decay",
+                reason: format!("{} is not in [0, 1)", self.factor_decay),
+            });
+        }
+        if let Some(k) = self.kl_clip {
+            if !(k.is_finite() && k > 0.0) {
+                return Err(Error::InvalidConfig {
+                    field: "kl_clip",
+                    reason: format!("{k} is not a finite value > 0"),
+                });
+            }
+        }
+        if self.factor_update_steps == 0 {
+            return Err(Error::InvalidConfig {
+                field: "factor_update_steps",
+                reason: "must be >= 1".into(),
+            });
+        }
+        if self.inv_update_steps == 0 {
+            return Err(Error::InvalidConfig {
+                field: "inv_update_steps",
+                reason: "must be >= 1".into(),
+            });
+        }
+        if self.threads > 4096 {
+            return Err(Error::InvalidConfig {
+                field: "threads",
+                reason: format!("{} threads is unreasonable (max 4096)", self.threads),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,42 @@
+//! Per-step statistics and stage timings.
+
+use std::time::Duration;
+
+/// Wall time of each stage of a step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    /// Factor statistics (the `observe` calls since the previous step) and
+    /// the running-average update.
+    pub factor_update: Duration,
+    /// Eigendecompositions or Cholesky inversions.
+    pub inversion: Duration,
+    /// Preconditioning and KL clipping.
+    pub preconditioning: Duration,
+    /// Collectives (zero in a single process).
+    pub communication: Duration,
+    /// The whole `step` call.
+    pub total: Duration,
+}
+
+/// What a step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// Index of the step (0 for the first).
+    pub step: u64,
+    /// Whether the factors were updated.
+    pub factors_updated: bool,
+    /// Whether the inverses were recomputed.
+    pub inverses_updated: bool,
+    /// KL-clipping factor `nu` applied to every preconditioned gradient.
+    pub kl_scale: f64,
+    /// `Σ_l <V_l, grad_l>` before clipping.
+    pub vg_sum: f64,
+    /// Damping used.
+    pub damping: f64,
+    /// Learning rate used for KL clipping.
+    pub lr: f64,
+    /// Stage wall times.
+    pub times: StageTimes,
+    /// Bytes of state held after the step.
+    pub state_bytes: usize,
+}
