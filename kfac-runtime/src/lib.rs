@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod comm;
 mod config;
 mod error;
 mod layer;

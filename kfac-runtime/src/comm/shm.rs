@@ -1,0 +1,1020 @@
+//! A shared-memory group: the ranks of a job on one machine, communicating
+//! through one POSIX shared-memory segment.
+//!
+//! # Segment
+//!
+//! `/dev/shm/kfac-<group>`, mode 0600, created by rank 0 with
+//! `O_CREAT | O_EXCL` and sized with `posix_fallocate` (a full `/dev/shm`
+//! fails at creation, not later with SIGBUS); the other ranks attach with a
+//! bounded retry. Layout:
+//!
+//! ```text
+//! [ header: magic, layout version, world size, slot size, generation,
+//!           ready flag, attach count, doorbell (futex word), sleepers,
+//!           abort flag and blamed rank                      ] 128 bytes
+//! [ per rank, 128-byte aligned: pid, start time, heartbeat,
+//!   published sequence, consumed sequence, op descriptor   ] world x 128
+//! [ padding to 4096                                         ]
+//! [ per rank data slot of `slot_bytes`                      ] world x slot
+//! ```
+//!
+//! A header that does not match (another program's segment, another layout
+//! version, another world size) is refused with a clear error. The segment
+//! is unlinked by rank 0 as soon as every rank has attached, so no crash
+//! after start-up can leave it behind.
+//!
+//! # Protocol
+//!
+//! Every collective is a sequence of rounds with a global round number `s`
+//! (all ranks call the same collectives in the same order):
+//! 1. wait until every rank has *consumed* round `s - 1` (my slot is free);
+//! 2. write my part into my slot; publish `seq[me] = s`;
+//! 3. wait until every rank has *published* `s`;
+//! 4. read the slots (reductions add them in rank order, so results are
+//!    bitwise reproducible for a fixed world size);
+//! 5. `ack[me] = s`.
+//!
+//! Payloads larger than a slot are streamed in slot-sized chunks, so the
+//! segment does not grow with the model.
+//!
+//! # Waiting
+//!
+//! Waits spin briefly (crossbeam `Backoff`), then sleep on the shared
+//! doorbell futex (`FUTEX_WAIT`, not the private variant: the word is shared
+//! between processes) in slices of at most 10 ms. After each slice the
+//! waiter checks the abort flag, checks that every lagging peer is alive
+//! (pid plus its start time from `/proc/<pid>/stat`, zombies count as dead:
+//! `kill(pid, 0)` would report an unreaped peer as alive), and gives up at
+//! the timeout. A rank that gives up sets the abort flag naming the peer it
+//! blames, so every other rank fails fast with an error naming it too.
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::Backoff;
+use kfac_kernels::Real;
+
+use super::{check_elem, check_root, elem_size, CommError, Communicator, ReduceType};
+
+/// Magic number at the start of every segment (`"KFACSHM1"`).
+pub const MAGIC: u64 = u64::from_le_bytes(*b"KFACSHM1");
+/// Layout version of the segment.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Largest world size a group supports.
+pub const MAX_WORLD: usize = 1024;
+const HEADER_BYTES: usize = 128;
+const CTL_BYTES: usize = 128;
+const PAGE: usize = 4096;
+/// Longest single futex sleep between liveness checks.
+const SLEEP_SLICE: Duration = Duration::from_millis(10);
+
+#[repr(C)]
+struct Header {
+    magic: AtomicU64,
+    version: AtomicU32,
+    world: AtomicU32,
+    slot_bytes: AtomicU64,
+    generation: AtomicU64,
+    /// 1 once rank 0 has initialized the header (Release; paired with the
+    /// Acquire load of attaching ranks).
+    ready: AtomicU32,
+    /// Ranks attached so far (AcqRel increments; rank 0 unlinks at `world`).
+    attached: AtomicU32,
+    /// Futex word bumped on every publication (SeqCst, see `ring`).
+    doorbell: AtomicU32,
+    /// Ranks sleeping on the doorbell (SeqCst, see `ring`).
+    sleepers: AtomicU32,
+    /// 0, or 1 + the rank that aborted the group (SeqCst).
+    aborted: AtomicU32,
+    /// 0, or 1 + the rank blamed by the abort.
+    blamed: AtomicU32,
+}
+
+#[repr(C)]
+struct RankCtl {
+    pid: AtomicI32,
+    start_time: AtomicU64,
+    /// CLOCK_MONOTONIC nanoseconds of the rank's last wait slice (for
+    /// diagnostics).
+    heartbeat: AtomicU64,
+    /// Last round whose data this rank published (SeqCst store after the
+    /// slot write; paired with the SeqCst loads of readers).
+    seq: AtomicU64,
+    /// Last round this rank finished reading (SeqCst; paired with writers'
+    /// loads before they overwrite their slot).
+    ack: AtomicU64,
+    /// Descriptor of the current collective (kind, length, root), written
+    /// before `seq` in a collective's first round and compared by all.
+    desc_kind: AtomicU32,
+    desc_root: AtomicU32,
+    desc_len: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
+const _: () = assert!(std::mem::size_of::<RankCtl>() <= CTL_BYTES);
+
+/// Options of a shared-memory group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShmOptions {
+    /// Bound on every wait (attach, each round of a collective).
+    pub timeout: Duration,
+    /// Bytes of each rank's data slot (payloads stream through it).
+    pub slot_bytes: usize,
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            slot_bytes: 4 << 20,
+        }
+    }
+}
+
+/// The processes of one job on one machine, joined through shared memory.
+///
+/// ```no_run
+/// use kfac_runtime::comm::{shm::{ShmGroup, ShmOptions}, Communicator};
+/// // in each of the P processes started by `kfac-launch -n P`:
+/// let mut g = ShmGroup::from_env(ShmOptions::default())?;
+/// let mut v = vec![g.rank() as f32; 8];
+/// g.allreduce_f32(&mut v)?;
+/// # Ok::<(), kfac_runtime::comm::CommError>(())
+/// ```
+pub struct ShmGroup {
+    base: *mut u8,
+    len: usize,
+    rank: usize,
+    world: usize,
+    slot_bytes: usize,
+    name: CString,
+    unlinked: bool,
+    round: u64,
+    timeout: Duration,
+    peers: Vec<(i32, u64)>,
+    broken: Option<CommError>,
+}
+
+// SAFETY: the mapping is owned by this value and only touched through it;
+// the shared parts are atomics or slots guarded by the round protocol.
+unsafe impl Send for ShmGroup {}
+
+fn os_err(call: &'static str) -> CommError {
+    CommError::Os {
+        call,
+        reason: std::io::Error::last_os_error().to_string(),
+    }
+}
+
+fn setup(reason: String) -> CommError {
+    CommError::Setup { reason }
+}
+
+/// Segment size for a world and slot size.
+fn layout(world: usize, slot_bytes: usize) -> Option<(usize, usize)> {
+    let ctl_end = HEADER_BYTES.checked_add(world.checked_mul(CTL_BYTES)?)?;
+    let slots_at = ctl_end.div_ceil(PAGE) * PAGE;
+    let len = slots_at.checked_add(world.checked_mul(slot_bytes)?)?;
+    Some((slots_at, len))
+}
+
+/// `(state, start time)` of a process from `/proc/<pid>/stat`.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut it = rest.split_whitespace();
+    let state = it.next()?.chars().next()?;
+    // fields 4..=21 skipped; starttime is field 22 (the 20th after state)
+    let start = it.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn alive(pid: i32, start: u64) -> bool {
+    match proc_stat(pid) {
+        Some((state, st)) => st == start && state != 'Z' && state != 'X',
+        None => false,
+    }
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn segment_name(group: &str) -> Result<CString, CommError> {
+    if group.is_empty()
+        || group.len() > 200
+        || !group
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(setup(format!(
+            "group name {group:?} must be 1-200 characters of [A-Za-z0-9._-]"
+        )));
+    }
+    CString::new(format!("/kfac-{group}")).map_err(|_| setup("group name contains NUL".into()))
+}
+
+/// Whether `/dev/shm` holds a segment for `group` (for tests and tools).
+pub fn segment_exists(group: &str) -> bool {
+    std::path::Path::new(&format!("/dev/shm/kfac-{group}")).exists()
+}
+
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` come from a successful mmap of exactly `len`
+        // bytes that nothing else unmaps.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+fn map(fd: i32, len: usize) -> Result<Mapping, CommError> {
+    // SAFETY: a fresh shared mapping of `len` bytes of an open shm fd; the
+    // kernel picks the address; failure is reported as MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(os_err("mmap"));
+    }
+    Ok(Mapping {
+        base: p.cast(),
+        len,
+    })
+}
+
+fn fd_size(fd: i32) -> Result<usize, CommError> {
+    // SAFETY: an all-zero `stat` is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `st` is writable.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(os_err("fstat"));
+    }
+    Ok(st.st_size as usize)
+}
+
+struct Fd(i32);
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: we own this descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+impl ShmGroup {
+    /// Joins the group named by `KFAC_GROUP` with the rank and world size of
+    /// the environment (see [`env`](super::env)).
+    ///
+    /// # Errors
+    /// As [`join`](Self::join), plus a missing or malformed environment.
+    pub fn from_env(opts: ShmOptions) -> Result<Self, CommError> {
+        let e = super::env::from_env()?;
+        Self::join(&e.group, e.rank, e.world_size, opts)
+    }
+
+    /// Joins (rank 0: creates) the group `group` as `rank` of `world`, and
+    /// returns once every rank has attached.
+    ///
+    /// # Errors
+    /// [`CommError::Setup`] for a bad name, rank or world size, a segment
+    /// that already exists (a stale one from a crashed run, or another
+    /// job's), a foreign or incompatible segment, a full `/dev/shm`, or
+    /// peers that do not attach within the timeout; [`CommError::Os`].
+    pub fn join(
+        group: &str,
+        rank: usize,
+        world: usize,
+        opts: ShmOptions,
+    ) -> Result<Self, CommError> {
+        if world == 0 || world > MAX_WORLD || rank >= world {
+            return Err(setup(format!(
+                "rank {rank} of world {world} (max world {MAX_WORLD})"
+            )));
+        }
+        if opts.slot_bytes < 64 || !opts.slot_bytes.is_multiple_of(64) || opts.slot_bytes > 1 << 30
+        {
+            return Err(setup(format!(
+                "slot_bytes {} must be a multiple of 64 in [64, 1 GiB]",
+                opts.slot_bytes
+            )));
+        }
+        let name = segment_name(group)?;
+        let (slots_at, len) =
+            layout(world, opts.slot_bytes).ok_or_else(|| setup("segment size overflows".into()))?;
+        let deadline = Instant::now() + opts.timeout;
+        let path = format!("/dev/shm{}", name.to_string_lossy());
+        let mapping = if rank == 0 {
+            Self::create(&name, &path, world, opts.slot_bytes, len)?
+        } else {
+            Self::attach(&name, &path, world, opts.slot_bytes, len, deadline)?
+        };
+        let (state_start, pid) = (
+            proc_stat(std::process::id() as i32),
+            std::process::id() as i32,
+        );
+        let start = state_start.map(|s| s.1).unwrap_or(0);
+        let mut g = ShmGroup {
+            base: mapping.base,
+            len: mapping.len,
+            rank,
+            world,
+            slot_bytes: opts.slot_bytes,
+            name,
+            unlinked: rank != 0,
+            round: 0,
+            timeout: opts.timeout,
+            peers: vec![(0, 0); world],
+            broken: None,
+        };
+        std::mem::forget(mapping); // now owned by `g` (unmapped in Drop)
+        let _ = slots_at;
+        let me = g.ctl(rank);
+        me.start_time.store(start, Ordering::SeqCst);
+        me.pid.store(pid, Ordering::SeqCst);
+        me.heartbeat.store(now_ns(), Ordering::Relaxed);
+        g.header().attached.fetch_add(1, Ordering::AcqRel);
+        g.ring();
+        if rank == 0 {
+            // Unlink as soon as everyone has mapped the segment.
+            g.wait_until("attach", deadline, |g| {
+                let n = g.header().attached.load(Ordering::Acquire) as usize;
+                if n >= world {
+                    Ok(Vec::new())
+                } else {
+                    Ok((0..world)
+                        .filter(|&r| g.ctl(r).pid.load(Ordering::SeqCst) == 0)
+                        .collect())
+                }
+            })?;
+            g.unlink();
+        }
+        g.barrier()?;
+        for r in 0..world {
+            let c = g.ctl(r);
+            g.peers[r] = (
+                c.pid.load(Ordering::SeqCst),
+                c.start_time.load(Ordering::SeqCst),
+            );
+        }
+        Ok(g)
+    }
+
+    fn create(
+        name: &CString,
+        path: &str,
+        world: usize,
+        slot: usize,
+        len: usize,
+    ) -> Result<Mapping, CommError> {
+        // SAFETY: `name` is a valid NUL-terminated string.
+        let fd = unsafe {
+            libc::shm_open(
+                name.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EEXIST) {
+                return Err(setup(Self::describe_existing(name, path)));
+            }
+            return Err(setup(format!("cannot create {path}: {err}")));
+        }
+        let fd = Fd(fd);
+        let cleanup = |e: CommError| {
+            // SAFETY: valid name; we created this segment and remove it on failure.
+            unsafe { libc::shm_unlink(name.as_ptr()) };
+            e
+        };
+        // SAFETY: `fd` is open for writing.
+        if unsafe { libc::ftruncate(fd.0, len as libc::off_t) } != 0 {
+            return Err(cleanup(os_err("ftruncate")));
+        }
+        // SAFETY: as above; returns an errno value rather than setting errno.
+        let rc = unsafe { libc::posix_fallocate(fd.0, 0, len as libc::off_t) };
+        if rc != 0 {
+            return Err(cleanup(setup(format!(
+                "cannot reserve {len} bytes for {path}: {} (is /dev/shm full?)",
+                std::io::Error::from_raw_os_error(rc)
+            ))));
+        }
+        let m = map(fd.0, len).map_err(cleanup)?;
+        // SAFETY: the mapping is at least HEADER_BYTES long, page aligned,
+        // and zero-filled; Header is all atomics (valid when zeroed).
+        let h = unsafe { &*(m.base as *const Header) };
+        h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.world.store(world as u32, Ordering::Relaxed);
+        h.slot_bytes.store(slot as u64, Ordering::Relaxed);
+        h.generation.store(
+            now_ns() ^ ((std::process::id() as u64) << 32),
+            Ordering::Relaxed,
+        );
+        h.magic.store(MAGIC, Ordering::Release);
+        // SAFETY: ctl block of rank 0 lies inside the mapping (layout()).
+        let c0 = unsafe { &*(m.base.add(HEADER_BYTES) as *const RankCtl) };
+        c0.start_time.store(
+            proc_stat(std::process::id() as i32)
+                .map(|s| s.1)
+                .unwrap_or(0),
+            Ordering::SeqCst,
+        );
+        c0.pid.store(std::process::id() as i32, Ordering::SeqCst);
+        // Release: pairs with attachers' Acquire load of `ready`.
+        h.ready.store(1, Ordering::Release);
+        Ok(m)
+    }
+
+    /// Explains an existing segment rank 0 could not create.
+    fn describe_existing(name: &CString, path: &str) -> String {
+        // SAFETY: valid name; read-only open.
+        let fd = unsafe { libc::shm_open(name.as_ptr(), libc::O_RDONLY, 0) };
+        if fd < 0 {
+            return format!("{path} already exists");
+        }
+        let fd = Fd(fd);
+        let size = fd_size(fd.0).unwrap_or(0);
+        if size < HEADER_BYTES + CTL_BYTES {
+            return format!("{path} already exists and is not a kfac segment ({size} bytes)");
+        }
+        // SAFETY: read-only mapping of the first page-sized prefix.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                HEADER_BYTES + CTL_BYTES,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd.0,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return format!("{path} already exists");
+        }
+        // SAFETY: mapped above with at least this many bytes; atomics are
+        // valid for any bit pattern.
+        let (magic, pid, start) = unsafe {
+            let h = &*(p as *const Header);
+            let c = &*((p as *const u8).add(HEADER_BYTES) as *const RankCtl);
+            (
+                h.magic.load(Ordering::Acquire),
+                c.pid.load(Ordering::SeqCst),
+                c.start_time.load(Ordering::SeqCst),
+            )
+        };
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(p, HEADER_BYTES + CTL_BYTES) };
+        if magic != MAGIC {
+            format!("{path} already exists and is a foreign segment (magic {magic:#018x})")
+        } else if pid > 0 && alive(pid, start) {
+            format!("{path} is in use by a live job (rank 0 is pid {pid}); use another group name")
+        } else {
+            format!(
+                "{path} is a stale segment left by a crashed run (its rank 0, pid {pid}, is gone); \
+                 remove it (rm {path}) or use another group name"
+            )
+        }
+    }
+
+    fn attach(
+        name: &CString,
+        path: &str,
+        world: usize,
+        slot: usize,
+        len: usize,
+        deadline: Instant,
+    ) -> Result<Mapping, CommError> {
+        let mut last = String::from("not found");
+        loop {
+            // SAFETY: valid name.
+            let fd = unsafe { libc::shm_open(name.as_ptr(), libc::O_RDWR, 0) };
+            if fd >= 0 {
+                let fd = Fd(fd);
+                let size = fd_size(fd.0)?;
+                if size >= HEADER_BYTES {
+                    let m = map(fd.0, size)?;
+                    // SAFETY: at least HEADER_BYTES mapped; atomics only.
+                    let h = unsafe { &*(m.base as *const Header) };
+                    let magic = h.magic.load(Ordering::Acquire);
+                    if magic != 0 && magic != MAGIC {
+                        return Err(setup(format!(
+                            "{path} is a foreign segment (magic {magic:#018x})"
+                        )));
+                    }
+                    if magic == MAGIC {
+                        let v = h.version.load(Ordering::Relaxed);
+                        if v != LAYOUT_VERSION {
+                            return Err(setup(format!(
+                                "{path} has layout version {v}, this build uses {LAYOUT_VERSION}"
+                            )));
+                        }
+                        let w = h.world.load(Ordering::Relaxed) as usize;
+                        if w != world {
+                            return Err(setup(format!(
+                                "{path} is for a world of {w}, this rank expects {world}"
+                            )));
+                        }
+                        let s = h.slot_bytes.load(Ordering::Relaxed) as usize;
+                        if s != slot {
+                            return Err(setup(format!(
+                                "{path} has {s}-byte slots, this rank expects {slot}"
+                            )));
+                        }
+                        if size != len {
+                            return Err(setup(format!("{path} is {size} bytes, expected {len}")));
+                        }
+                        // Acquire: pairs with rank 0's Release store.
+                        if h.ready.load(Ordering::Acquire) == 1 {
+                            return Ok(m);
+                        }
+                        last = "not initialized yet".into();
+                    } else {
+                        last = "header not written yet".into();
+                    }
+                } else {
+                    last = format!("only {size} bytes");
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(setup(format!(
+                    "{path}: rank 0 did not create the group in time ({last})"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping starts with a Header (checked at attach).
+        unsafe { &*(self.base as *const Header) }
+    }
+
+    fn ctl(&self, r: usize) -> &RankCtl {
+        debug_assert!(r < self.world);
+        // SAFETY: `r < world`; the ctl blocks lie inside the mapping.
+        unsafe { &*(self.base.add(HEADER_BYTES + r * CTL_BYTES) as *const RankCtl) }
+    }
+
+    fn slot_ptr(&self, r: usize) -> *mut u8 {
+        let (slots_at, _) = layout(self.world, self.slot_bytes).unwrap_or((0, 0));
+        // SAFETY: within the mapping by `layout` (checked at join).
+        unsafe { self.base.add(slots_at + r * self.slot_bytes) }
+    }
+
+    fn unlink(&mut self) {
+        if !self.unlinked {
+            // SAFETY: valid name; unlinking only removes the name.
+            unsafe { libc::shm_unlink(self.name.as_ptr()) };
+            self.unlinked = true;
+        }
+    }
+
+    /// Publishes progress: bump the doorbell, and wake sleepers if any.
+    /// SeqCst on the doorbell and `sleepers` (here and in `sleep`) rules out
+    /// a lost wake-up: either we see the sleeper, or it sees our state.
+    fn ring(&self) {
+        let h = self.header();
+        h.doorbell.fetch_add(1, Ordering::SeqCst);
+        if h.sleepers.load(Ordering::SeqCst) > 0 {
+            // SAFETY: FUTEX_WAKE on a valid, aligned u32 in shared memory.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    h.doorbell.as_ptr(),
+                    libc::FUTEX_WAKE,
+                    i32::MAX,
+                    std::ptr::null::<libc::timespec>(),
+                    std::ptr::null::<u32>(),
+                    0,
+                )
+            };
+        }
+    }
+
+    fn abort(&self, blamed: Option<usize>) {
+        let h = self.header();
+        h.blamed
+            .store(blamed.map_or(0, |b| b as u32 + 1), Ordering::SeqCst);
+        let _ =
+            h.aborted
+                .compare_exchange(0, self.rank as u32 + 1, Ordering::SeqCst, Ordering::SeqCst);
+        self.ring();
+    }
+
+    /// Waits until `pending` returns no lagging ranks. `pending` lists the
+    /// ranks not yet there (an error aborts the wait).
+    fn wait_until(
+        &self,
+        op: &'static str,
+        deadline: Instant,
+        mut pending: impl FnMut(&Self) -> Result<Vec<usize>, CommError>,
+    ) -> Result<(), CommError> {
+        let backoff = Backoff::new();
+        let h = self.header();
+        loop {
+            let lag = pending(self)?;
+            if lag.is_empty() {
+                return Ok(());
+            }
+            let ab = h.aborted.load(Ordering::SeqCst);
+            if ab != 0 {
+                let b = h.blamed.load(Ordering::SeqCst);
+                return Err(CommError::Aborted {
+                    by_rank: ab as usize - 1,
+                    blamed: (b != 0).then(|| b as usize - 1),
+                });
+            }
+            if !backoff.is_completed() {
+                backoff.snooze();
+                continue;
+            }
+            // Sleep on the doorbell.
+            h.sleepers.fetch_add(1, Ordering::SeqCst);
+            let v = h.doorbell.load(Ordering::SeqCst);
+            let lag2 = pending(self)?;
+            if lag2.is_empty() {
+                h.sleepers.fetch_sub(1, Ordering::SeqCst);
+                return Ok(());
+            }
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(SLEEP_SLICE);
+            let ts = libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: left.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: FUTEX_WAIT on a valid aligned u32 in shared memory with
+            // a relative timeout; returns on wake, timeout, value change or
+            // signal, all of which re-check the condition.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    h.doorbell.as_ptr(),
+                    libc::FUTEX_WAIT,
+                    v,
+                    &ts as *const libc::timespec,
+                    std::ptr::null::<u32>(),
+                    0,
+                )
+            };
+            h.sleepers.fetch_sub(1, Ordering::SeqCst);
+            self.ctl(self.rank)
+                .heartbeat
+                .store(now_ns(), Ordering::Relaxed);
+            // Liveness of the ranks we are waiting for.
+            for &r in &lag2 {
+                let c = self.ctl(r);
+                let pid = c.pid.load(Ordering::SeqCst);
+                if pid > 0 && !alive(pid, c.start_time.load(Ordering::SeqCst)) {
+                    self.abort(Some(r));
+                    return Err(CommError::PeerDied { rank: r, pid });
+                }
+            }
+            if Instant::now() >= deadline {
+                self.abort(lag2.first().copied());
+                return Err(CommError::Timeout {
+                    op,
+                    waiting_for: lag2,
+                    timeout: self.timeout,
+                });
+            }
+        }
+    }
+
+    /// One round of the protocol (see the module docs). `write` fills my
+    /// slot; `read` sees every rank's slot. `desc` is checked to be equal on
+    /// all ranks when given.
+    fn round(
+        &mut self,
+        op: &'static str,
+        desc: Option<(u32, u32, u64)>,
+        write: impl FnOnce(&mut [u8]),
+        read: impl FnOnce(&Self) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        let s = self.round + 1;
+        let world = self.world;
+        let deadline = Instant::now() + self.timeout;
+        // 1. every rank has consumed round s - 1: my slot is free
+        self.wait_until(op, deadline, |g| {
+            Ok((0..world)
+                .filter(|&r| g.ctl(r).ack.load(Ordering::SeqCst) < s - 1)
+                .collect())
+        })?;
+        // 2. write and publish
+        // SAFETY: my slot is `slot_bytes` long inside the mapping, and no
+        // rank reads it until I publish round `s` below.
+        let mine =
+            unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(self.rank), self.slot_bytes) };
+        write(mine);
+        let me = self.ctl(self.rank);
+        if let Some((k, root, len)) = desc {
+            me.desc_kind.store(k, Ordering::Relaxed);
+            me.desc_root.store(root, Ordering::Relaxed);
+            me.desc_len.store(len, Ordering::Relaxed);
+        }
+        me.seq.store(s, Ordering::SeqCst);
+        self.ring();
+        // 3. everyone has published
+        self.wait_until(op, deadline, |g| {
+            Ok((0..world)
+                .filter(|&r| g.ctl(r).seq.load(Ordering::SeqCst) < s)
+                .collect())
+        })?;
+        let mut result = Ok(());
+        if let Some(d) = desc {
+            for r in 0..world {
+                let c = self.ctl(r);
+                let theirs = (
+                    c.desc_kind.load(Ordering::Relaxed),
+                    c.desc_root.load(Ordering::Relaxed),
+                    c.desc_len.load(Ordering::Relaxed),
+                );
+                if theirs != d {
+                    result = Err(CommError::InvalidArgument {
+                        reason: format!(
+                            "{op}: rank {r} called (kind {}, root {}, {} bytes), rank {} called (kind {}, root {}, {} bytes)",
+                            theirs.0, theirs.1, theirs.2, self.rank, d.0, d.1, d.2
+                        ),
+                    });
+                    break;
+                }
+            }
+        }
+        // 4. read
+        if result.is_ok() {
+            result = read(self);
+        }
+        // 5. consumed
+        self.ctl(self.rank).ack.store(s, Ordering::SeqCst);
+        self.ring();
+        self.round = s;
+        result
+    }
+
+    fn slot(&self, r: usize, n: usize) -> &[u8] {
+        // SAFETY: `n <= slot_bytes`; the slot was published for this round
+        // and is not rewritten until every rank acks it.
+        unsafe { std::slice::from_raw_parts(self.slot_ptr(r), n.min(self.slot_bytes)) }
+    }
+
+    fn guard<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let r = f(self);
+        if let Err(e) = &r {
+            if !matches!(e, CommError::InvalidArgument { .. }) {
+                self.broken = Some(e.clone());
+            }
+        }
+        r
+    }
+
+    fn chunk_for(&self, ty: ReduceType) -> usize {
+        let e = elem_size(ty);
+        self.slot_bytes / e * e
+    }
+
+    fn reduce_impl(
+        &mut self,
+        data: &mut [u8],
+        ty: ReduceType,
+        root: Option<usize>,
+    ) -> Result<(), CommError> {
+        check_elem(data.len(), ty)?;
+        if let Some(r) = root {
+            check_root(r, self.world)?;
+        }
+        let chunk = self.chunk_for(ty);
+        let rounds = data.len().div_ceil(chunk).max(1);
+        let kind = if root.is_some() { 2 } else { 1 };
+        let desc = (kind, root.unwrap_or(0) as u32, data.len() as u64);
+        for k in 0..rounds {
+            let lo = k * chunk;
+            let hi = (lo + chunk).min(data.len());
+            let part = &mut data[lo..hi];
+            let me = self.rank;
+            let n = part.len();
+            let take = root.is_none_or(|r| r == me);
+            // The write closure reads the chunk and the read closure (which
+            // runs strictly after it, inside the same round) overwrites it:
+            // share it as a raw pointer.
+            let p = part.as_mut_ptr();
+            let op = if root.is_some() {
+                "reduce"
+            } else {
+                "allreduce"
+            };
+            self.round(
+                op,
+                (k == 0).then_some(desc),
+                // SAFETY: `p` addresses the caller's `n`-byte chunk, not
+                // accessed elsewhere during this round.
+                |slot| slot[..n].copy_from_slice(unsafe { std::slice::from_raw_parts(p, n) }),
+                |g| {
+                    if take {
+                        sum_slots(g, p, n, ty);
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `out = Σ_r slot_r` in rank order (out aliases the caller's chunk).
+fn sum_slots(g: &ShmGroup, out: *mut u8, n: usize, ty: ReduceType) {
+    match ty {
+        ReduceType::F32 => sum_typed::<f32>(g, out, n / 4),
+        ReduceType::F64 => sum_typed::<f64>(g, out, n / 8),
+    }
+}
+
+fn sum_typed<T: Real>(g: &ShmGroup, out: *mut u8, n: usize) {
+    let esz = std::mem::size_of::<T>();
+    // `out` is the caller's chunk of `n` elements (n * esz bytes); callers of
+    // the byte API may pass unaligned memory, handled by the second branch.
+    let out_aligned = (out as usize).is_multiple_of(std::mem::align_of::<T>());
+    let slots: Vec<&[T]> = (0..g.world)
+        .map(|r| {
+            // SAFETY: slots are page aligned (so aligned for T) and hold at
+            // least n*esz published bytes this round.
+            unsafe { std::slice::from_raw_parts(g.slot(r, n * esz).as_ptr().cast::<T>(), n) }
+        })
+        .collect();
+    if out_aligned {
+        // SAFETY: aligned, `n` elements, exclusively ours for this round.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.cast::<T>(), n) };
+        o.copy_from_slice(slots[0]);
+        for s in &slots[1..] {
+            // x*1 + y is exact: the same as x + y.
+            T::simd_axpy(T::ONE, s, o);
+        }
+    } else {
+        for i in 0..n {
+            let mut acc = slots[0][i];
+            for s in &slots[1..] {
+                acc += s[i];
+            }
+            // SAFETY: in bounds (i < n); unaligned write of a plain value.
+            unsafe { out.add(i * esz).cast::<T>().write_unaligned(acc) };
+        }
+    }
+}
+
+impl Communicator for ShmGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.world
+    }
+
+    fn allreduce_bytes(&mut self, data: &mut [u8], ty: ReduceType) -> Result<(), CommError> {
+        self.guard(|g| g.reduce_impl(data, ty, None))
+    }
+
+    fn reduce_bytes(
+        &mut self,
+        data: &mut [u8],
+        ty: ReduceType,
+        root: usize,
+    ) -> Result<(), CommError> {
+        self.guard(|g| g.reduce_impl(data, ty, Some(root)))
+    }
+
+    fn broadcast_bytes(&mut self, data: &mut [u8], root: usize) -> Result<(), CommError> {
+        self.guard(|g| {
+            check_root(root, g.world)?;
+            let chunk = g.slot_bytes;
+            let rounds = data.len().div_ceil(chunk).max(1);
+            let desc = (3, root as u32, data.len() as u64);
+            let me = g.rank;
+            for k in 0..rounds {
+                let lo = k * chunk;
+                let hi = (lo + chunk).min(data.len());
+                let part = &mut data[lo..hi];
+                let n = part.len();
+                let dst = part.as_mut_ptr();
+                g.round(
+                    "broadcast",
+                    (k == 0).then_some(desc),
+                    |slot| {
+                        if me == root {
+                            // SAFETY: `dst` is the caller's n-byte chunk,
+                            // only read here (the root never writes it).
+                            slot[..n].copy_from_slice(unsafe { std::slice::from_raw_parts(dst, n) })
+                        }
+                    },
+                    |g| {
+                        if me != root {
+                            // SAFETY: `dst` is the caller's chunk of n bytes.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(g.slot(root, n).as_ptr(), dst, n)
+                            };
+                        }
+                        Ok(())
+                    },
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn allgather_bytes(&mut self, send: &[u8]) -> Result<(Vec<u8>, Vec<usize>), CommError> {
+        self.guard(|g| {
+            let world = g.world;
+            let mut sizes = vec![0usize; world];
+            let my = send.len() as u64;
+            g.round(
+                "allgather",
+                Some((4, 0, 0)),
+                |slot| slot[..8].copy_from_slice(&my.to_le_bytes()),
+                |g| {
+                    for (r, s) in sizes.iter_mut().enumerate() {
+                        let b = g.slot(r, 8);
+                        *s = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                            as usize;
+                    }
+                    Ok(())
+                },
+            )?;
+            let total: usize = sizes.iter().sum();
+            let mut out = vec![0u8; total];
+            let offs: Vec<usize> = sizes
+                .iter()
+                .scan(0, |acc, &s| {
+                    let o = *acc;
+                    *acc += s;
+                    Some(o)
+                })
+                .collect();
+            let chunk = g.slot_bytes;
+            let rounds = sizes.iter().map(|s| s.div_ceil(chunk)).max().unwrap_or(0);
+            for k in 0..rounds {
+                let lo = (k * chunk).min(send.len());
+                let hi = (lo + chunk).min(send.len());
+                g.round(
+                    "allgather",
+                    None,
+                    |slot| slot[..hi - lo].copy_from_slice(&send[lo..hi]),
+                    |g| {
+                        for r in 0..world {
+                            let rlo = (k * chunk).min(sizes[r]);
+                            let rhi = (rlo + chunk).min(sizes[r]);
+                            let n = rhi - rlo;
+                            out[offs[r] + rlo..offs[r] + rhi].copy_from_slice(g.slot(r, n));
+                        }
+                        Ok(())
+                    },
+                )?;
+            }
+            Ok((out, sizes))
+        })
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.guard(|g| g.round("barrier", Some((5, 0, 0)), |_| {}, |_| Ok(())))
+    }
+}
+
+impl Drop for ShmGroup {
+    fn drop(&mut self) {
+        self.unlink();
+        // SAFETY: `base`/`len` are our mapping, unmapped only here.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+impl std::fmt::Debug for ShmGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmGroup")
+            .field("name", &self.name)
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("slot_bytes", &self.slot_bytes)
+            .finish()
+    }
+}

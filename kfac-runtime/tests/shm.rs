@@ -1,0 +1,343 @@
+//! The shared-memory group across real processes (started by `kfac-launch`,
+//! which re-runs this test binary with `KFAC_TEST_ROLE` set).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kfac_runtime::comm::shm::{segment_exists, ShmGroup, ShmOptions};
+use kfac_runtime::comm::{CommError, Communicator};
+
+const LAUNCH: &str = env!("CARGO_BIN_EXE_kfac-launch");
+
+/// Deterministic per-rank data.
+fn val(rank: usize, i: usize) -> f32 {
+    ((rank * 7919 + i * 31) % 1009) as f32 * 0.001 - 0.3
+}
+
+fn opts(slot: usize, timeout_ms: u64) -> ShmOptions {
+    ShmOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        slot_bytes: slot,
+    }
+}
+
+/// The worker side: does nothing unless started by a test below.
+#[test]
+fn worker_entry() {
+    let Ok(role) = std::env::var("KFAC_TEST_ROLE") else {
+        return;
+    };
+    let slot: usize = std::env::var("KFAC_TEST_SLOT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096);
+    let mut g = ShmGroup::from_env(opts(slot, 5000)).expect("join");
+    let (rank, world) = (g.rank(), g.size());
+    match role.as_str() {
+        "collectives" => {
+            for len in [0usize, 1, 7, 1023, 1024, 1025, 5000, 20_001] {
+                // allreduce f32: sum in rank order, bitwise
+                let mut v: Vec<f32> = (0..len).map(|i| val(rank, i)).collect();
+                g.allreduce_f32(&mut v).unwrap();
+                for (i, x) in v.iter().enumerate() {
+                    let mut want = val(0, i);
+                    for r in 1..world {
+                        want += val(r, i);
+                    }
+                    assert_eq!(x.to_bits(), want.to_bits(), "allreduce len {len} at {i}");
+                }
+                // f64
+                let mut d: Vec<f64> = (0..len).map(|i| val(rank, i) as f64 * 1.5).collect();
+                g.allreduce_f64(&mut d).unwrap();
+                for (i, x) in d.iter().enumerate() {
+                    let mut want = val(0, i) as f64 * 1.5;
+                    for r in 1..world {
+                        want += val(r, i) as f64 * 1.5;
+                    }
+                    assert_eq!(x.to_bits(), want.to_bits());
+                }
+                // reduce to the last rank
+                let root = world - 1;
+                let mut v: Vec<f32> = (0..len).map(|i| val(rank, i)).collect();
+                g.reduce_f32(&mut v, root).unwrap();
+                for (i, x) in v.iter().enumerate() {
+                    let want = if rank == root {
+                        (0..world).map(|r| val(r, i)).fold(0.0f32, |a, b| a + b)
+                    } else {
+                        val(rank, i)
+                    };
+                    // fold from 0.0: 0 + v0 == v0 exactly, same order
+                    assert_eq!(x.to_bits(), want.to_bits(), "reduce len {len}");
+                }
+                // broadcast from rank 1 % world
+                let root = 1 % world;
+                let mut b: Vec<f32> = (0..len).map(|i| val(rank, i)).collect();
+                g.broadcast_f32(&mut b, root).unwrap();
+                assert!(b
+                    .iter()
+                    .enumerate()
+                    .all(|(i, x)| x.to_bits() == val(root, i).to_bits()));
+                // allgather with per-rank sizes
+                let mine: Vec<u8> = (0..len + rank * 3).map(|i| (i + rank) as u8).collect();
+                let (all, sizes) = g.allgather_bytes(&mine).unwrap();
+                let mut off = 0;
+                for (r, &s) in sizes.iter().enumerate() {
+                    assert_eq!(s, len + r * 3);
+                    assert!(all[off..off + s]
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &x)| x == (i + r) as u8));
+                    off += s;
+                }
+                g.barrier().unwrap();
+            }
+            // mismatched lengths are an error on every rank, not a hang
+            let mut v = vec![1.0f32; 10 + rank];
+            let e = g.allreduce_f32(&mut v).unwrap_err();
+            assert!(matches!(e, CommError::InvalidArgument { .. }), "{e}");
+            g.barrier().unwrap();
+            println!("collectives ok");
+        }
+        "kill" => {
+            if rank == 1 {
+                std::thread::spawn(|| {
+                    std::thread::sleep(Duration::from_millis(30));
+                    // SAFETY: killing ourselves.
+                    unsafe { libc::raise(libc::SIGKILL) };
+                });
+            }
+            let t0 = Instant::now();
+            let mut v = vec![1.0f32; 1 << 16];
+            let err = loop {
+                if let Err(e) = g.allreduce_f32(&mut v) {
+                    break e;
+                }
+            };
+            let named = matches!(
+                &err,
+                CommError::PeerDied { rank: 1, .. }
+                    | CommError::Aborted {
+                        blamed: Some(1),
+                        ..
+                    }
+            );
+            println!("rank {rank} error after {:?}: {err}", t0.elapsed());
+            std::process::exit(if named { 3 } else { 4 });
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn launch(n: usize, role: &str, slot: usize) -> (std::process::Output, Duration, u32) {
+    let t0 = Instant::now();
+    let child = Command::new(LAUNCH)
+        .args(["-n", &n.to_string(), "--timeout", "60", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "worker_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("KFAC_TEST_ROLE", role)
+        .env("KFAC_TEST_SLOT", slot.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    (out, t0.elapsed(), pid)
+}
+
+fn no_segments_of(launcher_pid: u32) -> bool {
+    let prefix = format!("kfac-{launcher_pid}-");
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with(&prefix))
+        })
+        .unwrap_or(true)
+}
+
+#[test]
+fn collectives_of_all_sizes_across_processes() {
+    for n in [2, 3, 4] {
+        let (out, _, pid) = launch(n, "collectives", 4096);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "P={n}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.matches("collectives ok").count(), n, "{stdout}");
+        for r in 0..n {
+            let prefix = format!("[rank {r}] ");
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with(&prefix) && l.contains("collectives ok")),
+                "{stdout}"
+            );
+        }
+        assert!(no_segments_of(pid));
+    }
+}
+
+#[test]
+fn concurrent_groups_do_not_interfere() {
+    let a = std::thread::spawn(|| launch(2, "collectives", 4096));
+    let b = std::thread::spawn(|| launch(3, "collectives", 8192));
+    for (out, _, _) in [a.join().unwrap(), b.join().unwrap()] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn sigkilled_rank_is_named_by_every_survivor_and_leaves_nothing() {
+    let (out, took, pid) = launch(3, "kill", 4096);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "launcher must fail: {stdout}");
+    // the failing status is the first failure seen: SIGKILL (137) or a
+    // survivor's "named the dead rank" exit code 3
+    let code = out.status.code().unwrap();
+    assert!(
+        code == 137 || code == 3,
+        "exit code {code}\n{stdout}\n{stderr}"
+    );
+    // every survivor that reported an error named rank 1 (exit code 3, not 4)
+    for line in stdout.lines().filter(|l| l.contains("error after")) {
+        assert!(line.contains("rank 1"), "{line}");
+    }
+    // group timeout 5 s + 1 s
+    assert!(
+        took < Duration::from_secs(6) + Duration::from_secs(3),
+        "took {took:?}"
+    );
+    assert!(no_segments_of(pid), "segment left in /dev/shm");
+}
+
+fn unique(tag: &str) -> String {
+    format!(
+        "test-{tag}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    )
+}
+
+/// Writes a fake segment with the given header words.
+fn write_segment(group: &str, magic: u64, version: u32, world: u32, pid: i32) {
+    let mut b = vec![0u8; 128 + 128 * 4 + 8192];
+    b[0..8].copy_from_slice(&magic.to_le_bytes());
+    b[8..12].copy_from_slice(&version.to_le_bytes());
+    b[12..16].copy_from_slice(&world.to_le_bytes());
+    b[16..24].copy_from_slice(&4096u64.to_le_bytes());
+    b[32..36].copy_from_slice(&1u32.to_le_bytes()); // ready
+    b[128..132].copy_from_slice(&pid.to_le_bytes());
+    std::fs::write(format!("/dev/shm/kfac-{group}"), b).unwrap();
+}
+
+fn dead_pid() -> i32 {
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id() as i32;
+    c.wait().unwrap();
+    pid
+}
+
+fn setup_err(r: Result<ShmGroup, CommError>) -> String {
+    match r {
+        Err(CommError::Setup { reason }) => reason,
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("joined a bad segment"),
+    }
+}
+
+#[test]
+fn stale_segment_from_a_crashed_run_is_a_clear_error() {
+    let g = unique("stale");
+    write_segment(&g, kfac_runtime::comm::shm::MAGIC, 1, 2, dead_pid());
+    let why = setup_err(ShmGroup::join(&g, 0, 2, opts(4096, 500)));
+    assert!(why.contains("stale") && why.contains("crashed"), "{why}");
+    std::fs::remove_file(format!("/dev/shm/kfac-{g}")).unwrap();
+}
+
+#[test]
+fn foreign_or_incompatible_segments_are_refused() {
+    let g = unique("foreign");
+    write_segment(&g, 0x1234_5678, 1, 2, 1);
+    assert!(setup_err(ShmGroup::join(&g, 1, 2, opts(4096, 500))).contains("foreign"));
+    assert!(setup_err(ShmGroup::join(&g, 0, 2, opts(4096, 500))).contains("foreign"));
+    std::fs::remove_file(format!("/dev/shm/kfac-{g}")).unwrap();
+
+    let g = unique("version");
+    write_segment(&g, kfac_runtime::comm::shm::MAGIC, 99, 2, 1);
+    assert!(setup_err(ShmGroup::join(&g, 1, 2, opts(4096, 500))).contains("layout version 99"));
+    std::fs::remove_file(format!("/dev/shm/kfac-{g}")).unwrap();
+}
+
+#[test]
+fn wrong_world_size_is_refused_and_rank0_times_out_cleanly() {
+    let g = unique("world");
+    let g2 = g.clone();
+    let r0 = std::thread::spawn(move || ShmGroup::join(&g2, 0, 2, opts(4096, 800)).map(|_| ()));
+    // wait for rank 0's segment
+    let t0 = Instant::now();
+    while !segment_exists(&g) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let why = setup_err(ShmGroup::join(&g, 1, 3, opts(4096, 500)));
+    assert!(why.contains("world of 2"), "{why}");
+    let e = r0.join().unwrap().unwrap_err();
+    assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+    assert!(
+        !segment_exists(&g),
+        "rank 0 must remove its segment on failure"
+    );
+}
+
+#[test]
+fn missing_rank0_times_out_with_a_clear_error() {
+    let g = unique("norank0");
+    let t0 = Instant::now();
+    let why = setup_err(ShmGroup::join(&g, 1, 2, opts(4096, 300)));
+    assert!(why.contains("did not create"), "{why}");
+    assert!(t0.elapsed() < Duration::from_millis(1300));
+}
+
+#[test]
+fn launcher_propagates_failure_status() {
+    let out = Command::new(LAUNCH)
+        .args([
+            "-n",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "if [ \"$KFAC_RANK\" = 1 ]; then exit 7; fi; sleep 5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let out = Command::new(LAUNCH)
+        .args([
+            "-n",
+            "3",
+            "--",
+            "sh",
+            "-c",
+            "echo hi $KFAC_RANK/$KFAC_WORLD_SIZE",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    for r in 0..3 {
+        assert!(s.contains(&format!("[rank {r}] hi {r}/3")), "{s}");
+    }
+}
