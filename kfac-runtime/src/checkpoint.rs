@@ -25,7 +25,7 @@
 use faer::Mat;
 use kfac_kernels::conv::ImageLayout;
 
-use crate::config::{Compat, Config, Method, Precision, Schedule};
+use crate::config::{Compat, Config, Method, Precision, Schedule, WirePrecision};
 use crate::layer::{Conv2dSpec, LayerKind};
 use crate::preconditioner::{LayerState, Preconditioner};
 use crate::state::{Accumulator, Factor, InverseCache};
@@ -37,16 +37,16 @@ pub const MAGIC: &[u8; 8] = b"KFACCKPT";
 pub const VERSION: u32 = 1;
 const HEADER: usize = 24;
 
-struct W(Vec<u8>);
+pub(crate) struct W(pub(crate) Vec<u8>);
 
 impl W {
-    fn u8(&mut self, v: u8) {
+    pub(crate) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
     fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn f64(&mut self, v: f64) {
@@ -58,7 +58,7 @@ impl W {
     fn bool(&mut self, v: bool) {
         self.u8(v as u8);
     }
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         self.u32(s.len() as u32);
         self.0.extend_from_slice(s.as_bytes());
     }
@@ -227,7 +227,7 @@ impl<'a> R<'a> {
     }
 }
 
-fn write_config(w: &mut W, c: &Config) {
+pub(crate) fn write_config(w: &mut W, c: &Config) {
     w.schedule(&c.damping);
     w.f64(c.factor_decay);
     match c.kl_clip {
@@ -258,6 +258,12 @@ fn write_config(w: &mut W, c: &Config) {
         Compat::KfacPytorch => 1,
     });
     w.usize(c.threads);
+    w.f64(c.grad_worker_fraction);
+    w.u8(match c.wire {
+        WirePrecision::F32 => 0,
+        WirePrecision::Bf16 => 1,
+        WirePrecision::F16 => 2,
+    });
 }
 
 fn read_config(r: &mut R<'_>) -> Result<Config> {
@@ -296,6 +302,13 @@ fn read_config(r: &mut R<'_>) -> Result<Config> {
         t => return Err(Error::checkpoint(format!("config.compat: unknown tag {t}"))),
     };
     let threads = r.usize("config.threads")?;
+    let grad_worker_fraction = r.f64("config.grad_worker_fraction")?;
+    let wire = match r.u8("config.wire")? {
+        0 => WirePrecision::F32,
+        1 => WirePrecision::Bf16,
+        2 => WirePrecision::F16,
+        t => return Err(Error::checkpoint(format!("config.wire: unknown tag {t}"))),
+    };
     let c = Config {
         damping,
         factor_decay,
@@ -309,13 +322,15 @@ fn read_config(r: &mut R<'_>) -> Result<Config> {
         exclude,
         compat,
         threads,
+        grad_worker_fraction,
+        wire,
     };
     c.validate()
         .map_err(|e| Error::checkpoint(format!("stored configuration is invalid: {e}")))?;
     Ok(c)
 }
 
-fn write_kind(w: &mut W, k: &LayerKind) {
+pub(crate) fn write_kind(w: &mut W, k: &LayerKind) {
     match k {
         LayerKind::Linear {
             in_features,

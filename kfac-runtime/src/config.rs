@@ -37,6 +37,20 @@ pub enum Compat {
     KfacPytorch,
 }
 
+/// Precision of factor statistics on the wire when they are reduced across
+/// ranks (sums are always accumulated in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WirePrecision {
+    /// 4 bytes per value (an allreduce).
+    #[default]
+    F32,
+    /// bfloat16, round to nearest even (2 bytes; an allgather, summed in
+    /// rank order in f32 on every rank).
+    Bf16,
+    /// IEEE half, round to nearest even (2 bytes; as for bf16).
+    F16,
+}
+
 /// A per-step value (damping or learning rate).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Schedule {
@@ -148,6 +162,14 @@ pub struct Config {
     /// Worker threads for independent layers (0: rayon's default, the
     /// number of cores). Default 0.
     pub threads: usize,
+    /// Gradient-worker fraction `f` in `(0, 1]` (KAISA): with P ranks, each
+    /// layer is preconditioned by a group of `max(1, round(f P))` ranks and
+    /// the result is broadcast from the layer's owner; `f = 1` (default)
+    /// shares every decomposition and preconditions every layer on every
+    /// rank. Ignored in a single process.
+    pub grad_worker_fraction: f64,
+    /// Precision of factor statistics on the wire. Default f32.
+    pub wire: WirePrecision,
 }
 
 impl Default for Config {
@@ -165,6 +187,8 @@ impl Default for Config {
             exclude: Vec::new(),
             compat: Compat::Native,
             threads: 0,
+            grad_worker_fraction: 1.0,
+            wire: WirePrecision::F32,
         }
     }
 }
@@ -217,6 +241,15 @@ impl Config {
             return Err(Error::InvalidConfig {
                 field: "inv_update_steps",
                 reason: "must be >= 1".into(),
+            });
+        }
+        if !(self.grad_worker_fraction.is_finite()
+            && self.grad_worker_fraction > 0.0
+            && self.grad_worker_fraction <= 1.0)
+        {
+            return Err(Error::InvalidConfig {
+                field: "grad_worker_fraction",
+                reason: format!("{} is not in (0, 1]", self.grad_worker_fraction),
             });
         }
         if self.threads > 4096 {

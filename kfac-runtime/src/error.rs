@@ -74,6 +74,14 @@ pub enum Error {
         /// Why, in words (truncated, checksum, version, ...).
         reason: String,
     },
+    /// A collective failed (dead or stuck peer, timeout, ...).
+    Comm(crate::comm::CommError),
+    /// Ranks disagree (configuration or layer list digest), or another rank
+    /// failed its part of a step.
+    Distributed {
+        /// What differs or failed, naming the rank.
+        reason: String,
+    },
     /// The thread pool could not be built.
     ThreadPool {
         /// rayon's message.
@@ -110,6 +118,12 @@ impl From<kfac_kernels::Error> for Error {
     }
 }
 
+impl From<crate::comm::CommError> for Error {
+    fn from(e: crate::comm::CommError) -> Self {
+        Error::Comm(e)
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -133,6 +147,8 @@ impl fmt::Display for Error {
             Error::LayersFrozen => write!(f, "layers cannot be registered after the first step"),
             Error::Checkpoint { reason } => write!(f, "checkpoint refused: {reason}"),
             Error::ThreadPool { reason } => write!(f, "thread pool: {reason}"),
+            Error::Comm(e) => write!(f, "communication: {e}"),
+            Error::Distributed { reason } => write!(f, "distributed step: {reason}"),
         }
     }
 }
@@ -141,6 +157,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Kernel { source, .. } => Some(source),
+            Error::Comm(e) => Some(e),
             _ => None,
         }
     }

@@ -28,13 +28,14 @@
 pub mod checkpoint;
 pub mod comm;
 mod config;
+mod distributed;
 mod error;
 mod layer;
 mod preconditioner;
 mod state;
 mod stats;
 
-pub use config::{Compat, Config, Method, Precision, Schedule};
+pub use config::{Compat, Config, Method, Precision, Schedule, WirePrecision};
 pub use error::{Error, Result};
 pub use layer::{Conv2dSpec, LayerGrad, LayerId, LayerKind, Observation};
 pub use preconditioner::Preconditioner;

@@ -23,10 +23,12 @@ use faer::linalg::matmul::matmul;
 use faer::prelude::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use kfac_kernels::conv::{self, ConvNormalization, ImageRef};
-use kfac_kernels::{eigen, factor, inverse, kl};
+use kfac_kernels::{eigen, factor, inverse, kl, packed};
 use rayon::prelude::*;
 
-use crate::config::{Compat, Config, Method, Precision, Schedule};
+use crate::comm::{Communicator, Local};
+use crate::config::{Compat, Config, Method, Precision, Schedule, WirePrecision};
+use crate::distributed;
 use crate::layer::{LayerGrad, LayerId, LayerKind, Observation};
 use crate::state::{Accumulator, Factor, InverseCache};
 use crate::stats::{StageTimes, StepStats};
@@ -94,7 +96,9 @@ pub struct Preconditioner {
     pub(crate) lr_now: f64,
     pool: rayon::ThreadPool,
     observe_time: Duration,
+    comm_time: Duration,
     last: Option<StepStats>,
+    comm: Box<dyn Communicator>,
 }
 
 impl std::fmt::Debug for Preconditioner {
@@ -140,7 +144,9 @@ impl Preconditioner {
             factor_updates: 0,
             pool,
             observe_time: Duration::ZERO,
+            comm_time: Duration::ZERO,
             last: None,
+            comm: Box::new(Local::new()),
         })
     }
 
@@ -169,8 +175,32 @@ impl Preconditioner {
             lr_now,
             pool,
             observe_time: Duration::ZERO,
+            comm_time: Duration::ZERO,
             last: None,
+            comm: Box::new(Local::new()),
         })
+    }
+
+    /// A preconditioner that cooperates with the other ranks of `comm`
+    /// (see [`step`](Self::step)). Every rank must register the same layers
+    /// in the same order with the same configuration (checked at each step).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn with_communicator(config: Config, comm: Box<dyn Communicator>) -> Result<Self> {
+        let mut p = Self::new(config)?;
+        p.comm = comm;
+        Ok(p)
+    }
+
+    /// Replaces the communicator (e.g. after [`load`](Self::load)).
+    pub fn set_communicator(&mut self, comm: Box<dyn Communicator>) {
+        self.comm = comm;
+    }
+
+    /// This process's rank and the world size.
+    pub fn rank_and_size(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.size())
     }
 
     /// The configuration.
@@ -247,7 +277,6 @@ impl Preconditioner {
     /// Whether the next `step` recomputes the inverses.
     pub fn inverse_update_due(&self) -> bool {
         self.steps.is_multiple_of(self.config.inv_update_steps)
-            || self.layers.iter().any(|l| !l.excluded && l.inv.is_none())
     }
 
     /// Sets the damping of the next steps (for `Schedule::PerStep`).
@@ -386,23 +415,13 @@ impl Preconditioner {
         self.layers.iter().map(|l| l.bytes()).sum()
     }
 
-    /// One K-FAC step: updates the factors when due, recomputes the
-    /// inverses when due (always on the first step), preconditions every
-    /// gradient in place (weights and biases), applies KL clipping, and
-    /// returns the step's statistics.
-    ///
-    /// Gradients of excluded layers may be passed and are left unchanged.
-    ///
-    /// # Errors
-    /// [`Error::UnknownLayer`], [`Error::MissingGradient`],
-    /// [`Error::Mismatch`] (shapes, a layer passed twice),
-    /// [`Error::MissingObservation`] when a factor update is due and a layer
-    /// was not observed, [`Error::Kernel`] (NaN/Inf gradients, a
-    /// decomposition that fails). The state and the gradients are unchanged
-    /// on error.
-    pub fn step(&mut self, grads: &mut [LayerGrad<'_>]) -> Result<StepStats> {
-        let t_start = Instant::now();
-        // Phase 1: validation.
+    /// Checks the gradients passed to `step`; returns, per layer, the index
+    /// of its gradient.
+    fn validate_step(
+        &self,
+        grads: &[LayerGrad<'_>],
+        factor_due: bool,
+    ) -> Result<Vec<Option<usize>>> {
         let nl = self.layers.len();
         let mut index: Vec<Option<usize>> = vec![None; nl];
         for (gi, g) in grads.iter().enumerate() {
@@ -426,7 +445,6 @@ impl Preconditioner {
                 });
             }
         }
-        let factor_due = self.factor_update_due();
         if factor_due {
             if let Some(l) = self.layers.iter().find(|l| !l.excluded && l.acc.count == 0) {
                 return Err(Error::MissingObservation {
@@ -434,6 +452,206 @@ impl Preconditioner {
                 });
             }
         }
+        Ok(index)
+    }
+
+    /// Every rank's validation status and configuration digest, exchanged
+    /// in one allgather: a failure or a mismatch anywhere is an error on
+    /// every rank.
+    fn agree(&mut self, local: &Result<Vec<Option<usize>>>) -> Result<()> {
+        let mut msg = Vec::with_capacity(9);
+        msg.push(local.is_err() as u8);
+        msg.extend_from_slice(&distributed::digest(&self.config, &self.layers).to_le_bytes());
+        let (all, sizes) = self.comm.allgather_bytes(&msg)?;
+        let world = self.comm.size();
+        if sizes.len() != world || sizes.iter().any(|&s| s != 9) {
+            return Err(Error::Distributed {
+                reason: format!("malformed agreement message sizes {sizes:?}"),
+            });
+        }
+        let mine = &all[self.comm.rank() * 9 + 1..self.comm.rank() * 9 + 9];
+        for r in 0..world {
+            let m = &all[r * 9..r * 9 + 9];
+            if m[1..] != *mine {
+                return Err(Error::Distributed {
+                    reason: format!(
+                        "rank {r}'s configuration or layer list differs from rank {}'s (digest {:016x} vs {:016x})",
+                        self.comm.rank(),
+                        u64::from_le_bytes(m[1..9].try_into().unwrap_or([0; 8])),
+                        u64::from_le_bytes(mine.try_into().unwrap_or([0; 8]))
+                    ),
+                });
+            }
+        }
+        if let Some(r) = (0..world).find(|&r| all[r * 9] != 0) {
+            if local.is_ok() {
+                return Err(Error::Distributed {
+                    reason: format!("rank {r} refused its arguments to step; no rank stepped"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums every layer's accumulated statistics (and weights) across ranks:
+    /// one collective for all layers, packed lower triangles, in the
+    /// configured wire precision.
+    fn reduce_accumulators(&mut self) -> Result<Vec<Option<(Factor, Factor, f64)>>> {
+        let mut packed = Vec::new();
+        let mut weights = Vec::new();
+        for l in self.layers.iter().filter(|l| !l.excluded) {
+            distributed::pack(&l.acc.a, &mut packed);
+            distributed::pack(&l.acc.g, &mut packed);
+            weights.push(l.acc.weight);
+        }
+        match self.config.wire {
+            WirePrecision::F32 => self.comm.allreduce_f32(&mut packed)?,
+            wire => {
+                let mut half = vec![0u16; packed.len()];
+                match wire {
+                    WirePrecision::Bf16 => {
+                        for (h, &v) in half.iter_mut().zip(&packed) {
+                            *h = packed::bf16::from_f32(v).to_bits();
+                        }
+                    }
+                    _ => {
+                        for (h, &v) in half.iter_mut().zip(&packed) {
+                            *h = packed::f16::from_f32(v).to_bits();
+                        }
+                    }
+                }
+                let (all, sizes) = self.comm.allgather_bytes(crate::comm::as_bytes(&half))?;
+                if sizes.iter().any(|&s| s != half.len() * 2) {
+                    return Err(Error::Distributed {
+                        reason: format!("ranks sent statistics of different sizes {sizes:?}"),
+                    });
+                }
+                let n = half.len();
+                for (r, chunk) in all.chunks_exact(n * 2).enumerate() {
+                    for (k, b) in chunk.chunks_exact(2).enumerate() {
+                        let bits = u16::from_le_bytes([b[0], b[1]]);
+                        let v = match wire {
+                            WirePrecision::Bf16 => packed::bf16::from_bits(bits).to_f32(),
+                            _ => packed::f16::from_bits(bits).to_f32(),
+                        };
+                        // rank order: rank 0's value, then each next rank added
+                        packed[k] = if r == 0 { v } else { packed[k] + v };
+                    }
+                }
+            }
+        }
+        self.comm.allreduce_f64(&mut weights)?;
+        let mut out = Vec::with_capacity(self.layers.len());
+        let (mut off, mut wi) = (0, 0);
+        for l in &self.layers {
+            if l.excluded {
+                out.push(None);
+                continue;
+            }
+            let na = distributed::packed_len(&l.acc.a);
+            let ng = distributed::packed_len(&l.acc.g);
+            let a = distributed::unpack(&l.acc.a, &packed[off..off + na]);
+            let g = distributed::unpack(&l.acc.g, &packed[off + na..off + na + ng]);
+            off += na + ng;
+            out.push(Some((a, g, weights[wi])));
+            wi += 1;
+        }
+        Ok(out)
+    }
+
+    /// Averages gradients across ranks (`sum / P`) in place, for training
+    /// stacks that do not average them themselves: one allreduce over every
+    /// layer's weight and bias gradients.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`] / [`Error::Mismatch`] for bad gradients,
+    /// [`Error::Comm`] when the collective fails; gradients are unchanged
+    /// on error.
+    pub fn allreduce_gradients(&mut self, grads: &mut [LayerGrad<'_>]) -> Result<()> {
+        for g in grads.iter() {
+            let l = self.layer(g.layer)?;
+            let (r, c) = l.kind.weight_shape();
+            if g.weight.nrows() != r || g.weight.ncols() != c {
+                return Err(Error::mismatch(
+                    &l.name,
+                    format!("weight gradient is not {r}x{c}"),
+                ));
+            }
+        }
+        let world = self.comm.size();
+        if world == 1 {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for g in grads.iter() {
+            for j in 0..g.weight.ncols() {
+                for i in 0..g.weight.nrows() {
+                    buf.push(g.weight[(i, j)]);
+                }
+            }
+            if let Some(b) = g.bias.as_deref() {
+                buf.extend_from_slice(b);
+            }
+        }
+        let t0 = Instant::now();
+        self.comm.allreduce_f32(&mut buf)?;
+        self.comm_time += t0.elapsed();
+        let inv = 1.0 / world as f32;
+        let mut k = 0;
+        for g in grads.iter_mut() {
+            let mut w = g.weight.rb_mut();
+            for j in 0..w.ncols() {
+                for i in 0..w.nrows() {
+                    w[(i, j)] = buf[k] * inv;
+                    k += 1;
+                }
+            }
+            if let Some(b) = g.bias.as_deref_mut() {
+                for x in b.iter_mut() {
+                    *x = buf[k] * inv;
+                    k += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One K-FAC step: updates the factors when due, recomputes the
+    /// inverses when due (always on the first step), preconditions every
+    /// gradient in place (weights and biases), applies KL clipping, and
+    /// returns the step's statistics.
+    ///
+    /// Gradients of excluded layers may be passed and are left unchanged.
+    /// With several ranks, every rank calls `step` with its own
+    /// observations and the same (already averaged) gradients; factor
+    /// statistics are summed across ranks, each factor is decomposed by its
+    /// owner and shared (see [`Config::grad_worker_fraction`]).
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::MissingGradient`],
+    /// [`Error::Mismatch`] (shapes, a layer passed twice),
+    /// [`Error::MissingObservation`] when a factor update is due and a layer
+    /// was not observed, [`Error::Kernel`] (NaN/Inf gradients, a
+    /// decomposition that fails), [`Error::Distributed`] (another rank
+    /// refused its arguments, or the ranks' configurations differ),
+    /// [`Error::Comm`]. The state and the gradients are unchanged on error.
+    pub fn step(&mut self, grads: &mut [LayerGrad<'_>]) -> Result<StepStats> {
+        let t_start = Instant::now();
+        let nl = self.layers.len();
+        let world = self.comm.size();
+        let me = self.comm.rank();
+        let mut t_comm = std::mem::take(&mut self.comm_time);
+        let factor_due = self.factor_update_due();
+
+        // Phase 1: validation, and agreement across ranks.
+        let local = self.validate_step(grads, factor_due);
+        if world > 1 {
+            let t0 = Instant::now();
+            let agreed = self.agree(&local);
+            t_comm += t0.elapsed();
+            agreed?;
+        }
+        let index = local?;
         let inv_due = self.inverse_update_due();
         let damping = self.damping();
         let lr = self.lr();
@@ -446,75 +664,177 @@ impl Preconditioner {
             Compat::KfacPytorch => cfg.factor_decay,
         };
 
-        // Phase 2: new factors.
+        // Phase 2: new factors (statistics summed across ranks first).
         let t0 = Instant::now();
+        let reduced = if factor_due && world > 1 {
+            let tc = Instant::now();
+            let r = self.reduce_accumulators()?;
+            t_comm += tc.elapsed();
+            Some(r)
+        } else {
+            None
+        };
         let new_factors: Vec<Option<(Factor, Factor)>> = if factor_due {
             self.pool.install(|| {
                 self.layers
                     .par_iter()
-                    .map(|l| {
+                    .enumerate()
+                    .map(|(li, l)| {
                         if l.excluded {
-                            Ok(None)
-                        } else {
-                            Ok(Some((
-                                combine(&l.a, &l.acc.a, l.acc.weight, xi),
-                                combine(&l.g, &l.acc.g, l.acc.weight, xi),
-                            )))
+                            return None;
                         }
+                        let (aa, ag, w) = match &reduced {
+                            Some(r) => {
+                                let (a, g, w) = r[li].as_ref()?;
+                                (a, g, *w)
+                            }
+                            None => (&l.acc.a, &l.acc.g, l.acc.weight),
+                        };
+                        Some((combine(&l.a, aa, w, xi), combine(&l.g, ag, w, xi)))
                     })
-                    .collect::<Result<Vec<_>>>()
-            })?
+                    .collect()
+            })
         } else {
             (0..nl).map(|_| None).collect()
         };
+        drop(reduced);
         let t_factor = t0.elapsed() + std::mem::take(&mut self.observe_time);
 
-        // Phase 3: inversions.
+        // Which layers this rank preconditions, and who leads each layer.
+        let gsize = distributed::group_size(cfg.grad_worker_fraction, world);
+        let factor_of = |li: usize, which: usize| -> &Factor {
+            match &new_factors[li] {
+                Some((a, g)) => {
+                    if which == 0 {
+                        a
+                    } else {
+                        g
+                    }
+                }
+                None => {
+                    if which == 0 {
+                        &self.layers[li].a
+                    } else {
+                        &self.layers[li].g
+                    }
+                }
+            }
+        };
+        let costs: Vec<u64> = (0..2 * nl)
+            .map(|t| {
+                if self.layers[t / 2].excluded {
+                    0
+                } else {
+                    distributed::cost(factor_of(t / 2, t % 2))
+                }
+            })
+            .collect();
+        let owners = distributed::lpt_owners(&costs, world);
+        let lead = |li: usize| owners[2 * li + 1];
+        let member = |li: usize| distributed::group_of(lead(li), gsize, world).contains(&me);
+
+        // Phase 3: inversions (each factor by its owner, then shared).
         let t0 = Instant::now();
+        let mut t_inv_comm = Duration::ZERO;
         let new_inv: Vec<Option<InverseCache>> = if inv_due {
             let threads = self.pool.current_num_threads();
-            self.pool.install(|| {
-                self.layers
-                    .par_iter()
-                    .zip(new_factors.par_iter())
-                    .map(|(l, nf)| {
-                        if l.excluded {
-                            return Ok(None);
-                        }
-                        let (a, g) = match nf {
-                            Some((a, g)) => (a, g),
-                            None => (&l.a, &l.g),
-                        };
-                        invert(
-                            &l.name,
-                            a,
-                            g,
+            let eig = cfg.method == Method::Eigen;
+            let shifts: Vec<(f32, f32)> = (0..nl)
+                .map(|li| {
+                    if self.layers[li].excluded || eig {
+                        Ok((0.0, 0.0))
+                    } else {
+                        inverse_shifts(
+                            &self.layers[li].name,
+                            factor_of(li, 0),
+                            factor_of(li, 1),
                             &cfg,
                             damping,
-                            if nl == 1 { threads } else { 1 },
                         )
-                        .map(Some)
+                    }
+                })
+                .collect::<Result<_>>()?;
+            let tasks: Vec<usize> = (0..2 * nl)
+                .filter(|&t| !self.layers[t / 2].excluded && owners[t] == me)
+                .collect();
+            let mine: Vec<(usize, FactorInv)> = self.pool.install(|| {
+                tasks
+                    .par_iter()
+                    .map(|&t| {
+                        let li = t / 2;
+                        let shift = if t % 2 == 0 {
+                            shifts[li].0
+                        } else {
+                            shifts[li].1
+                        };
+                        let th = if tasks.len() == 1 { threads } else { 1 };
+                        invert_one(&self.layers[li].name, factor_of(li, t % 2), &cfg, shift, th)
+                            .map(|r| (t, r))
                     })
                     .collect::<Result<Vec<_>>>()
-            })?
+            })?;
+            let mut results: Vec<Option<FactorInv>> = (0..2 * nl).map(|_| None).collect();
+            for (t, r) in mine {
+                results[t] = Some(r);
+            }
+            if world > 1 {
+                let tc = Instant::now();
+                for t in 0..2 * nl {
+                    let li = t / 2;
+                    if self.layers[li].excluded {
+                        continue;
+                    }
+                    let f = factor_of(li, t % 2);
+                    let len = distributed::inv_len(f, eig);
+                    if owners[t] == me {
+                        let mut v = results[t]
+                            .as_ref()
+                            .map(distributed::inv_to_vec)
+                            .unwrap_or_default();
+                        self.comm.broadcast_f32(&mut v, me)?;
+                    } else if member(li) {
+                        let mut v = vec![0.0f32; len];
+                        self.comm.broadcast_f32(&mut v, owners[t])?;
+                        results[t] = Some(distributed::inv_from_vec(f, eig, &v));
+                    } else {
+                        self.comm.broadcast_discard(len * 4, owners[t])?;
+                    }
+                }
+                t_inv_comm = tc.elapsed();
+                t_comm += t_inv_comm;
+            }
+            let mut out = Vec::with_capacity(nl);
+            let mut it = results.into_iter();
+            for li in 0..nl {
+                let (a, g) = (it.next().flatten(), it.next().flatten());
+                out.push(match (a, g) {
+                    (Some(a), Some(g)) if member(li) => {
+                        Some(assemble(&self.layers[li].name, a, g, &cfg, damping)?)
+                    }
+                    _ => None,
+                });
+            }
+            out
         } else {
             (0..nl).map(|_| None).collect()
         };
-        let t_inv = t0.elapsed();
+        let t_inv = t0.elapsed().saturating_sub(t_inv_comm);
 
-        // Phase 4: preconditioning into buffers.
+        // Phase 4: preconditioning into buffers (members of each layer's
+        // group), then each layer's result from its lead when f < 1.
         let t0 = Instant::now();
         let views: Vec<Option<GradView<'_>>> = index
             .iter()
             .map(|ix| ix.map(|gi| (grads[gi].weight.rb(), grads[gi].bias.as_deref())))
             .collect();
-        let results: Vec<Option<(Mat<f32>, f64)>> = self.pool.install(|| {
+        let mut results: Vec<Option<(Mat<f32>, f64)>> = self.pool.install(|| {
             self.layers
                 .par_iter()
+                .enumerate()
                 .zip(new_inv.par_iter())
                 .zip(views.par_iter())
-                .map(|((l, ni), v)| {
-                    if l.excluded {
+                .map(|(((li, l), ni), v)| {
+                    if l.excluded || !member(li) {
                         return Ok(None);
                     }
                     let Some((w, b)) = v else { return Ok(None) };
@@ -530,13 +850,48 @@ impl Preconditioner {
                 })
                 .collect::<Result<Vec<_>>>()
         })?;
+        let mut t_prec_comm = Duration::ZERO;
+        if world > 1 && gsize < world {
+            let tc = Instant::now();
+            for li in 0..nl {
+                let l = &self.layers[li];
+                if l.excluded {
+                    continue;
+                }
+                let (d_out, d) = l.kind.dims();
+                let root = lead(li);
+                if root == me {
+                    let (v, _) = results[li].as_ref().ok_or_else(|| Error::Distributed {
+                        reason: format!("layer '{}': lead rank has no result", l.name),
+                    })?;
+                    let mut flat: Vec<f32> = (0..d)
+                        .flat_map(|j| (0..d_out).map(move |i| (i, j)))
+                        .map(|(i, j)| v[(i, j)])
+                        .collect();
+                    self.comm.broadcast_f32(&mut flat, me)?;
+                } else {
+                    let mut flat = vec![0.0f32; d_out * d];
+                    self.comm.broadcast_f32(&mut flat, root)?;
+                    let v = Mat::from_fn(d_out, d, |i, j| flat[i + j * d_out]);
+                    let (w, b) = views[li].ok_or_else(|| Error::MissingGradient {
+                        layer: l.name.clone(),
+                    })?;
+                    let raw = gather(&l.kind, w, b);
+                    let dot =
+                        kl::frobenius_dot(v.as_ref(), raw.as_ref()).map_err(kerr(&l.name))? as f64;
+                    results[li] = Some((v, dot));
+                }
+            }
+            t_prec_comm = tc.elapsed();
+            t_comm += t_prec_comm;
+        }
         drop(views);
         let vg: f64 = results.iter().flatten().map(|(_, d)| *d).sum();
         let nu = match cfg.kl_clip {
             Some(clip) => kl::kl_clip_scale(vg, lr, clip).map_err(Error::from)?,
             None => 1.0,
         };
-        let t_prec = t0.elapsed();
+        let t_prec = t0.elapsed().saturating_sub(t_prec_comm);
 
         // Phase 5: commit.
         for ((l, nf), ni) in self.layers.iter_mut().zip(new_factors).zip(new_inv) {
@@ -544,8 +899,9 @@ impl Preconditioner {
                 l.a = a;
                 l.g = g;
             }
-            if let Some(c) = ni {
-                l.inv = Some(c);
+            if inv_due && !l.excluded {
+                // Non-members drop stale caches (f < 1 saves their memory).
+                l.inv = ni;
             }
             l.acc.count = 0;
             l.acc.weight = 0.0;
@@ -573,7 +929,7 @@ impl Preconditioner {
                 factor_update: t_factor,
                 inversion: t_inv,
                 preconditioning: t_prec,
-                communication: Duration::ZERO,
+                communication: t_comm,
                 total: t_start.elapsed(),
             },
             state_bytes: self.state_bytes(),
@@ -1007,29 +1363,117 @@ fn par_for(threads: usize) -> Par {
     }
 }
 
-fn invert(
+/// The diagonal shifts `(A, G)` of the inverse method: factored Tikhonov
+/// (native) or the full damping on each factor (kfac-pytorch).
+pub(crate) fn inverse_shifts(
     name: &str,
     a: &Factor,
     g: &Factor,
     cfg: &Config,
     damping: f64,
-    threads: usize,
-) -> Result<InverseCache> {
+) -> Result<(f32, f32)> {
+    let d32 = damping as f32;
     let Factor::Dense(gm) = g else {
         unreachable_diag()
     };
+    match cfg.compat {
+        Compat::KfacPytorch => Ok((d32, d32)),
+        Compat::Native => {
+            let fd = match a {
+                Factor::Dense(am) => {
+                    inverse::factored_damping(am.as_ref(), gm.as_ref(), d32).map_err(kerr(name))?
+                }
+                Factor::Diag(dv) => {
+                    // tr A / dim A for a diagonal A, as a 1x1 matrix.
+                    let mean = dv.iter().map(|&v| v as f64).sum::<f64>() / dv.len().max(1) as f64;
+                    let one = Mat::<f32>::from_fn(1, 1, |_, _| mean as f32);
+                    let tg = (0..gm.nrows()).map(|i| gm[(i, i)] as f64).sum::<f64>()
+                        / gm.nrows().max(1) as f64;
+                    let gone = Mat::<f32>::from_fn(1, 1, |_, _| tg as f32);
+                    inverse::factored_damping(one.as_ref(), gone.as_ref(), d32)
+                        .map_err(kerr(name))?
+                }
+            };
+            Ok((fd.a, fd.g))
+        }
+    }
+}
+
+/// The inverse-step result of one factor.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum FactorInv {
+    /// Eigenvectors (`None` for a diagonal factor: the identity) and
+    /// eigenvalues.
+    Eigen { q: Option<Mat<f32>>, l: Vec<f32> },
+    /// The damped inverse.
+    Inv(Factor),
+}
+
+/// Decomposes or inverts one factor (`shift` is used by the inverse method).
+pub(crate) fn invert_one(
+    name: &str,
+    f: &Factor,
+    cfg: &Config,
+    shift: f32,
+    threads: usize,
+) -> Result<FactorInv> {
     // faer's eigh/Cholesky slow down with a second thread below ~512.
     let par = |d: usize| par_for(if d > 512 { threads } else { 1 });
-    match cfg.method {
-        Method::Eigen => {
-            let (qg, lg) = eig(name, gm, cfg.eigen_precision, par(gm.nrows()))?;
-            let (qa, la) = match a {
-                Factor::Dense(am) => {
-                    let (q, l) = eig(name, am, cfg.eigen_precision, par(am.nrows()))?;
-                    (Some(q), l)
+    match (cfg.method, f) {
+        (Method::Eigen, Factor::Dense(m)) => {
+            let (q, l) = eig(name, m, cfg.eigen_precision, par(m.nrows()))?;
+            Ok(FactorInv::Eigen { q: Some(q), l })
+        }
+        (Method::Eigen, Factor::Diag(d)) => Ok(FactorInv::Eigen {
+            q: None,
+            l: d.iter().map(|&v| v.max(0.0)).collect(),
+        }),
+        (Method::Inverse, Factor::Dense(m)) => {
+            let d = m.nrows();
+            let mut inv = Mat::<f32>::zeros(d, d);
+            let mut buf = MemBuffer::new(inverse::damped_inverse_scratch::<f32>(d, par(d)));
+            inverse::damped_inverse(
+                inv.as_mut(),
+                m.as_ref(),
+                shift,
+                par(d),
+                MemStack::new(&mut buf),
+            )
+            .map_err(kerr(name))?;
+            Ok(FactorInv::Inv(Factor::Dense(inv)))
+        }
+        (Method::Inverse, Factor::Diag(dv)) => {
+            let mut out = Vec::with_capacity(dv.len());
+            for (i, &v) in dv.iter().enumerate() {
+                let s = v + shift;
+                if s.is_nan() || s <= 0.0 {
+                    return Err(Error::Kernel {
+                        layer: Some(name.to_string()),
+                        source: kfac_kernels::Error::NotPositiveDefinite {
+                            what: "damped diagonal factor",
+                            pivot: i,
+                            dim: dv.len(),
+                        },
+                    });
                 }
-                Factor::Diag(d) => (None, d.iter().map(|&v| v.max(0.0)).collect()),
-            };
+                out.push(1.0 / s);
+            }
+            Ok(FactorInv::Inv(Factor::Diag(out)))
+        }
+    }
+}
+
+/// Builds a layer's inverse cache from its two factor results (and the
+/// precomputed denominators when configured).
+pub(crate) fn assemble(
+    name: &str,
+    a: FactorInv,
+    g: FactorInv,
+    cfg: &Config,
+    damping: f64,
+) -> Result<InverseCache> {
+    match (a, g) {
+        (FactorInv::Eigen { q: qa, l: la }, FactorInv::Eigen { q: Some(qg), l: lg }) => {
             let denom = if cfg.precompute_denominators {
                 let mut d = Mat::<f32>::zeros(lg.len(), la.len());
                 eigen::eigen_inverse_denominators(d.as_mut(), &lg, &la, damping as f32)
@@ -1046,79 +1490,10 @@ fn invert(
                 denom,
             })
         }
-        Method::Inverse => {
-            let d32 = damping as f32;
-            let (shift_a, shift_g) = match cfg.compat {
-                Compat::KfacPytorch => (d32, d32),
-                Compat::Native => {
-                    let fd = match a {
-                        Factor::Dense(am) => {
-                            inverse::factored_damping(am.as_ref(), gm.as_ref(), d32)
-                                .map_err(kerr(name))?
-                        }
-                        Factor::Diag(dv) => {
-                            // tr A / dim A for a diagonal A, as a 1x1 matrix.
-                            let mean =
-                                dv.iter().map(|&v| v as f64).sum::<f64>() / dv.len().max(1) as f64;
-                            let one = Mat::<f32>::from_fn(1, 1, |_, _| mean as f32);
-                            let tg = (0..gm.nrows()).map(|i| gm[(i, i)] as f64).sum::<f64>()
-                                / gm.nrows().max(1) as f64;
-                            let gone = Mat::<f32>::from_fn(1, 1, |_, _| tg as f32);
-                            inverse::factored_damping(one.as_ref(), gone.as_ref(), d32)
-                                .map_err(kerr(name))?
-                        }
-                    };
-                    (fd.a, fd.g)
-                }
-            };
-            let gd = gm.nrows();
-            let mut g_inv = Mat::<f32>::zeros(gd, gd);
-            let mut buf = MemBuffer::new(inverse::damped_inverse_scratch::<f32>(gd, par(gd)));
-            inverse::damped_inverse(
-                g_inv.as_mut(),
-                gm.as_ref(),
-                shift_g,
-                par(gd),
-                MemStack::new(&mut buf),
-            )
-            .map_err(kerr(name))?;
-            let a_inv = match a {
-                Factor::Dense(am) => {
-                    let ad = am.nrows();
-                    let mut a_inv = Mat::<f32>::zeros(ad, ad);
-                    let mut buf =
-                        MemBuffer::new(inverse::damped_inverse_scratch::<f32>(ad, par(ad)));
-                    inverse::damped_inverse(
-                        a_inv.as_mut(),
-                        am.as_ref(),
-                        shift_a,
-                        par(ad),
-                        MemStack::new(&mut buf),
-                    )
-                    .map_err(kerr(name))?;
-                    Factor::Dense(a_inv)
-                }
-                Factor::Diag(dv) => {
-                    let mut out = Vec::with_capacity(dv.len());
-                    for (i, &v) in dv.iter().enumerate() {
-                        let s = v + shift_a;
-                        if s.is_nan() || s <= 0.0 {
-                            return Err(Error::Kernel {
-                                layer: Some(name.to_string()),
-                                source: kfac_kernels::Error::NotPositiveDefinite {
-                                    what: "damped diagonal factor",
-                                    pivot: i,
-                                    dim: dv.len(),
-                                },
-                            });
-                        }
-                        out.push(1.0 / s);
-                    }
-                    Factor::Diag(out)
-                }
-            };
+        (FactorInv::Inv(a_inv), FactorInv::Inv(Factor::Dense(g_inv))) => {
             Ok(InverseCache::Inverse { a_inv, g_inv })
         }
+        _ => Err(Error::mismatch(name, "inconsistent factor results".into())),
     }
 }
 

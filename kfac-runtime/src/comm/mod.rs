@@ -152,6 +152,17 @@ pub trait Communicator: Send {
     /// [`CommError`].
     fn barrier(&mut self) -> Result<(), CommError>;
 
+    /// Takes part in a [`broadcast_bytes`](Self::broadcast_bytes) of `len`
+    /// bytes from `root` without keeping the data (for ranks that do not
+    /// need it). The default receives into a temporary buffer.
+    ///
+    /// # Errors
+    /// [`CommError`].
+    fn broadcast_discard(&mut self, len: usize, root: usize) -> Result<(), CommError> {
+        let mut tmp = vec![0u8; len];
+        self.broadcast_bytes(&mut tmp, root)
+    }
+
     /// [`allreduce_bytes`](Self::allreduce_bytes) on `f32`.
     ///
     /// # Errors

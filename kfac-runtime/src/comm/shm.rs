@@ -905,6 +905,25 @@ impl Communicator for ShmGroup {
         self.guard(|g| g.reduce_impl(data, ty, Some(root)))
     }
 
+    fn broadcast_discard(&mut self, len: usize, root: usize) -> Result<(), CommError> {
+        // Same rounds as `broadcast_bytes` on a non-root rank, without the
+        // copy out of the root's slot.
+        self.guard(|g| {
+            check_root(root, g.world)?;
+            if g.rank == root {
+                return Err(CommError::InvalidArgument {
+                    reason: "the root of a broadcast cannot discard its own data".into(),
+                });
+            }
+            let rounds = len.div_ceil(g.slot_bytes).max(1);
+            for k in 0..rounds {
+                let desc = (k == 0).then_some((3, root as u32, len as u64));
+                g.round("broadcast", desc, |_| {}, |_| Ok(()))?;
+            }
+            Ok(())
+        })
+    }
+
     fn broadcast_bytes(&mut self, data: &mut [u8], root: usize) -> Result<(), CommError> {
         self.guard(|g| {
             check_root(root, g.world)?;
