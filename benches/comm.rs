@@ -20,8 +20,10 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use faer::MatRef;
 use kfac::runtime::comm::shm::{ShmGroup, ShmOptions};
 use kfac::runtime::comm::{CommError, Communicator, Local, ReduceType};
+use kfac::runtime::{
+    Config, LayerGrad, LayerId, LayerKind, Observation, Precision, Preconditioner, Schedule,
+};
 use std::sync::{Arc, Mutex};
-use kfac::runtime::{Config, LayerGrad, LayerId, LayerKind, Observation, Precision, Preconditioner, Schedule};
 
 const SHAPES: [(usize, usize); 3] = [(64, 577), (256, 2305), (1000, 2049)];
 const BATCH: usize = 32;
@@ -33,14 +35,19 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
         .collect()
 }
 
 fn opts() -> ShmOptions {
-    ShmOptions { timeout: Duration::from_secs(600), slot_bytes: 8 << 20 }
+    ShmOptions {
+        timeout: Duration::from_secs(600),
+        slot_bytes: 8 << 20,
+    }
 }
 
 fn command(g: &mut dyn Communicator, cmd: &mut [u64; 2]) {
@@ -74,15 +81,41 @@ fn model(comm: Box<dyn Communicator>) -> Model {
     let ids = SHAPES
         .iter()
         .enumerate()
-        .map(|(i, &(o, d))| p.register(&format!("l{i}"), LayerKind::Linear { in_features: d - 1, out_features: o, bias: true }).unwrap())
+        .map(|(i, &(o, d))| {
+            p.register(
+                &format!("l{i}"),
+                LayerKind::Linear {
+                    in_features: d - 1,
+                    out_features: o,
+                    bias: true,
+                },
+            )
+            .unwrap()
+        })
         .collect();
     Model {
         p,
         ids,
-        acts: SHAPES.iter().enumerate().map(|(i, &(_, d))| data(BATCH * (d - 1), 10 + i as u64)).collect(),
-        outs: SHAPES.iter().enumerate().map(|(i, &(o, _))| data(BATCH * o, 20 + i as u64)).collect(),
-        ws: SHAPES.iter().enumerate().map(|(i, &(o, d))| data(o * (d - 1), 30 + i as u64)).collect(),
-        bs: SHAPES.iter().enumerate().map(|(i, &(o, _))| data(o, 40 + i as u64)).collect(),
+        acts: SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, d))| data(BATCH * (d - 1), 10 + i as u64))
+            .collect(),
+        outs: SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, &(o, _))| data(BATCH * o, 20 + i as u64))
+            .collect(),
+        ws: SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, &(o, d))| data(o * (d - 1), 30 + i as u64))
+            .collect(),
+        bs: SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, &(o, _))| data(o, 40 + i as u64))
+            .collect(),
     }
 }
 
@@ -180,26 +213,36 @@ fn bench_allreduce(c: &mut Criterion) {
     let mut child = spawn_partner(&group_name);
     let mut g = ShmGroup::join(&group_name, 0, 2, opts()).unwrap();
     let mut grp = c.benchmark_group("allreduce_p2");
-    grp.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+    grp.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
     for mib in [1usize, 4, 16, 64, 256] {
         let n = mib << 18; // f32 values
         let mut buf = vec![1.0f32; n];
         let src = vec![1.0f32; n];
         let mut dst = vec![0.0f32; n];
         grp.throughput(Throughput::Bytes((n * 4) as u64));
-        grp.bench_with_input(BenchmarkId::new("shm_allreduce", format!("{mib}MiB")), &n, |b, &n| {
-            b.iter(|| {
-                let mut cmd = [CMD_ALLREDUCE, n as u64];
-                command(&mut g, &mut cmd);
-                g.allreduce_f32(&mut buf).unwrap();
-            })
-        });
-        grp.bench_with_input(BenchmarkId::new("memcpy", format!("{mib}MiB")), &n, |b, _| {
-            b.iter(|| {
-                dst.copy_from_slice(black_box(&src));
-                black_box(&dst);
-            })
-        });
+        grp.bench_with_input(
+            BenchmarkId::new("shm_allreduce", format!("{mib}MiB")),
+            &n,
+            |b, &n| {
+                b.iter(|| {
+                    let mut cmd = [CMD_ALLREDUCE, n as u64];
+                    command(&mut g, &mut cmd);
+                    g.allreduce_f32(&mut buf).unwrap();
+                })
+            },
+        );
+        grp.bench_with_input(
+            BenchmarkId::new("memcpy", format!("{mib}MiB")),
+            &n,
+            |b, _| {
+                b.iter(|| {
+                    dst.copy_from_slice(black_box(&src));
+                    black_box(&dst);
+                })
+            },
+        );
     }
     grp.finish();
     let mut cmd = [CMD_STOP, 0];
@@ -210,14 +253,18 @@ fn bench_allreduce(c: &mut Criterion) {
 
 fn bench_step(c: &mut Criterion) {
     let mut grp = c.benchmark_group("distributed_step");
-    grp.sample_size(10).measurement_time(Duration::from_secs(20)).warm_up_time(Duration::from_secs(1));
+    grp.sample_size(10)
+        .measurement_time(Duration::from_secs(20))
+        .warm_up_time(Duration::from_secs(1));
     let mut single = model(Box::new(Local::new()));
     grp.bench_function("P1", |b| b.iter(|| model_step(&mut single)));
     drop(single);
 
     let group_name = format!("bench-step-{}", std::process::id());
     let mut child = spawn_partner(&group_name);
-    let mut g = Shared(Arc::new(Mutex::new(ShmGroup::join(&group_name, 0, 2, opts()).unwrap())));
+    let mut g = Shared(Arc::new(Mutex::new(
+        ShmGroup::join(&group_name, 0, 2, opts()).unwrap(),
+    )));
     let mut m = model(Box::new(g.clone()));
     grp.bench_function("P2", |b| {
         b.iter(|| {

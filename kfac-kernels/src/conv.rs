@@ -429,7 +429,15 @@ pub fn conv2d_a_update<T: Real>(
     let mut start = 0;
     while start < positions {
         let m = rows.min(positions - start);
-        extract_patches(tile, rows, m, &input, geom, (oh, ow), start, bias);
+        let src = PatchSource {
+            img: &input,
+            geom,
+            out_hw: (oh, ow),
+            start,
+            m,
+            ld: rows,
+        };
+        extract_patches_par(tile, src, 0..k, kp, par);
         let t = MatRef::from_column_major_slice_with_stride(&tile[..], m, k, rows);
         triangular::matmul(
             a.rb_mut(),
@@ -450,8 +458,10 @@ pub fn conv2d_a_update<T: Real>(
 
 fn check_image_finite<T: Real>(img: &ImageRef<'_, T>) -> Result<()> {
     let [n, c, h, w] = img.dims;
-    if n * c * h * w == img.data.len() {
-        // Dense: one linear scan.
+    let dense_strides = [[c * h * w, h * w, w, 1], [h * w * c, 1, w * c, c]];
+    if n * c * h * w == img.data.len() && dense_strides.contains(&img.strides) {
+        // Dense NCHW or NHWC: the view addresses every element of `data`
+        // exactly once, so one linear scan checks exactly the input.
         return match img.data.iter().position(|v| !v.is_finite_val()) {
             Some(p) => Err(Error::NonFinite {
                 what: "input tensor (flat index)",
@@ -480,67 +490,132 @@ fn check_image_finite<T: Real>(img: &ImageRef<'_, T>) -> Result<()> {
     Ok(())
 }
 
-/// im2col of output positions `start .. start + m` (flattened as
-/// `(i, oh, ow)`) into the column-major tile (`m` rows, leading dimension
-/// `ld`), one column per patch entry
-/// `(c, u, v)` (plus a ones column for the bias). Each column is filled in
-/// runs along `ow`: zeros where the tap falls in the padding, a strided copy
-/// in between.
-#[allow(clippy::too_many_arguments)]
+/// What one patch-extraction call reads: the input, its geometry and output
+/// size, and the tile's row block (positions `start .. start + m`, flattened
+/// as `(i, oh, ow)`, stored with leading dimension `ld`).
+#[derive(Clone, Copy)]
+struct PatchSource<'a, 'b, T> {
+    img: &'b ImageRef<'a, T>,
+    geom: &'b Conv2dGeometry,
+    out_hw: (usize, usize),
+    start: usize,
+    m: usize,
+    ld: usize,
+}
+
+/// Fewest tile columns worth handing to another thread in
+/// [`extract_patches_par`].
+const EXTRACT_MIN_COLS_PER_THREAD: usize = 32;
+
+/// [`extract_patches`] of the tile columns `cols` (`tile` starts at column
+/// `cols.start`), split over the threads of `par`: the columns are
+/// independent, so each thread fills its own contiguous block of them.
+/// Patch extraction is otherwise serial while the rank-k update after it is
+/// parallel, which showed as a 2-thread slowdown against materialize-then-SYRK.
+fn extract_patches_par<T: Real>(
+    tile: &mut [T],
+    src: PatchSource<'_, '_, T>,
+    cols: core::ops::Range<usize>,
+    kp: usize,
+    par: Par,
+) {
+    let n = cols.len();
+    if par.degree() <= 1 || n < 2 * EXTRACT_MIN_COLS_PER_THREAD {
+        extract_patches(tile, src, cols, kp);
+        return;
+    }
+    let mid = cols.start + n / 2;
+    let (lo, hi) = tile.split_at_mut((n / 2) * src.ld);
+    faer::utils::thread::join_raw(
+        |p| extract_patches_par(lo, src, cols.start..mid, kp, p),
+        |p| extract_patches_par(hi, src, mid..cols.end, kp, p),
+        par,
+    );
+}
+
+/// im2col of the tile's positions into the tile columns `cols` (`tile`
+/// starts at column `cols.start`; column `j < kp` is patch entry
+/// `(c, u, v)` with `j = (c kh + u) kw + v`, column `kp` the bias ones).
+/// Each column is filled in runs along `ow`: the output columns whose tap
+/// falls in the padding are computed once per column, then each run is
+/// zeros, a copy (contiguous for unit-stride rows, else strided), zeros.
 fn extract_patches<T: Real>(
     tile: &mut [T],
-    ld: usize,
-    m: usize,
-    img: &ImageRef<'_, T>,
-    g: &Conv2dGeometry,
-    (oh, ow): (usize, usize),
-    start: usize,
-    bias: bool,
+    src: PatchSource<'_, '_, T>,
+    cols: core::ops::Range<usize>,
+    kp: usize,
 ) {
+    let PatchSource {
+        img,
+        geom: g,
+        out_hw: (oh, ow),
+        start,
+        m,
+        ld,
+    } = src;
     let [sn, sc, sh, sw] = img.strides;
     let data = img.data;
     let (kh, kw) = (g.kernel_h, g.kernel_w);
-    let mut col = 0;
-    for c in 0..g.in_channels {
-        for u in 0..kh {
-            for v in 0..kw {
-                let dst = &mut tile[col * ld..col * ld + m];
-                // Walk positions in runs of constant (i, oh).
-                let mut r = 0;
-                let mut pos = start;
-                while r < m {
-                    let i = pos / (oh * ow);
-                    let rem = pos % (oh * ow);
-                    let y = rem / ow;
-                    let x0 = rem % ow;
-                    let run = (ow - x0).min(m - r);
-                    let out = &mut dst[r..r + run];
-                    let iy = (y * g.stride_h + u * g.dilation_h) as isize - g.pad_h as isize;
-                    if iy < 0 || iy as usize >= g.in_h {
-                        out.fill(T::ZERO);
-                    } else {
-                        let base = i * sn + c * sc + iy as usize * sh;
-                        // ix = x*s + v*d - p must lie in [0, W)
-                        let off = (v * g.dilation_w) as isize - g.pad_w as isize;
-                        let s = g.stride_w as isize;
-                        for (q, o) in out.iter_mut().enumerate() {
-                            let ix = (x0 + q) as isize * s + off;
-                            *o = if ix >= 0 && (ix as usize) < g.in_w {
-                                data[base + ix as usize * sw]
-                            } else {
-                                T::ZERO
-                            };
+    let s = g.stride_w;
+    let step = s * sw;
+    for (slot, j) in cols.enumerate() {
+        let dst = &mut tile[slot * ld..slot * ld + m];
+        if j >= kp {
+            dst.fill(T::ONE);
+            continue;
+        }
+        let (c, u, v) = (j / (kh * kw), (j / kw) % kh, j % kw);
+        // Output columns x whose tap ix = x*s + off lies in [0, W): [x_lo, x_hi).
+        let off = (v * g.dilation_w) as isize - g.pad_w as isize;
+        let x_lo = if off >= 0 {
+            0
+        } else {
+            off.unsigned_abs().div_ceil(s)
+        };
+        let room = g.in_w as isize - off;
+        let x_hi = if room <= 0 {
+            0
+        } else {
+            room.unsigned_abs().div_ceil(s).min(ow)
+        };
+        // Walk positions in runs of constant (i, oh).
+        let mut r = 0;
+        let mut pos = start;
+        while r < m {
+            let i = pos / (oh * ow);
+            let rem = pos % (oh * ow);
+            let y = rem / ow;
+            let x0 = rem % ow;
+            let run = (ow - x0).min(m - r);
+            let out = &mut dst[r..r + run];
+            let iy = (y * g.stride_h + u * g.dilation_h) as isize - g.pad_h as isize;
+            if iy < 0 || iy as usize >= g.in_h || x_lo >= x_hi {
+                out.fill(T::ZERO);
+            } else {
+                let q_lo = x_lo.saturating_sub(x0).min(run);
+                let q_hi = x_hi.saturating_sub(x0).min(run).max(q_lo);
+                out[..q_lo].fill(T::ZERO);
+                out[q_hi..].fill(T::ZERO);
+                if q_hi > q_lo {
+                    // (x0 + q_lo) >= x_lo, so the tap is >= 0.
+                    let ix = ((x0 + q_lo) * s) as isize + off;
+                    let first = i * sn + c * sc + iy as usize * sh + ix as usize * sw;
+                    let mid = &mut out[q_lo..q_hi];
+                    let len = mid.len();
+                    match step {
+                        0 => mid.fill(data[first]),
+                        1 => mid.copy_from_slice(&data[first..first + len]),
+                        _ => {
+                            for (o, &x) in mid.iter_mut().zip(data[first..].iter().step_by(step)) {
+                                *o = x;
+                            }
                         }
                     }
-                    r += run;
-                    pos += run;
                 }
-                col += 1;
             }
+            r += run;
+            pos += run;
         }
-    }
-    if bias {
-        tile[col * ld..col * ld + m].fill(T::ONE);
     }
 }
 

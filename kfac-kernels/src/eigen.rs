@@ -37,6 +37,10 @@ use faer::{Accum, MatMut, MatRef, Par};
 
 /// Scratch needed by [`sym_eigen`] for a `dim x dim` matrix.
 pub fn sym_eigen_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
+    if dim == 0 {
+        // Nothing to decompose (and faer's scratch formula underflows at 0).
+        return StackReq::EMPTY;
+    }
     StackReq::all_of(&[
         temp_mat_scratch::<T>(dim, dim),
         temp_mat_scratch::<T>(dim, 1),

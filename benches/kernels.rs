@@ -1,0 +1,490 @@
+//! Criterion benches of the `kfac-kernels` hot paths, each against a plain
+//! faer baseline measured in the same run.
+//!
+//! Run: `CARGO_TARGET_DIR=/work/target-bench cargo bench --bench kernels`
+//! (filter with e.g. `-- factor/`). Results and the targets are in
+//! `BENCHMARKS.md`.
+//!
+//! # Flop convention
+//!
+//! Every throughput is `Throughput::Elements(flops)`, so criterion's
+//! "elem/s" is flop/s. A multiply-add counts as **2 flops** everywhere, and
+//! a kernel is credited only with the flops it *needs* (a SYRK is credited
+//! with the lower triangle, not with the full product a GEMM would compute):
+//!
+//! | kernel | flops credited |
+//! |---|---|
+//! | SYRK `C += X^T X` lower triangle, `X: n x d` (ours, and conv's tiles) | `n d (d + 1)` |
+//! | full GEMM `C += X^T X` (baseline) | `2 n d^2` |
+//! | symmetric eigendecomposition with vectors, `d x d` | `9 d^3` (nominal; read the time) |
+//! | eigen preconditioning, `grad: d_out x d` (four matmuls) | `4 d_out d (d_out + d)` |
+//! | inverse preconditioning (two matmuls) | `2 d_out d (d_out + d)` |
+//!
+//! So for the factor update "SYRK at 85% of the GEMM rate" means
+//! `t_syrk <= 0.5 (d + 1) / d / 0.85 * t_gemm ~= 0.59 t_gemm`.
+//!
+//! Benchmark ids are `group = "<kernel family>/<type>/<shape>"`,
+//! `function = "<ours or baseline name>"`, `parameter = "1t" | "2t"`
+//! (`Par::Seq` or `Par::rayon(2)`). All matrices and scratch buffers are
+//! allocated and pre-faulted outside the timed closures and reused.
+
+// `criterion_group!` generates an undocumented `pub fn`.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use kfac::kernels::conv::{
+    conv2d_a_update, conv2d_a_update_scratch, Conv2dGeometry, ConvNormalization, ImageLayout,
+    ImageRef,
+};
+use kfac::kernels::faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+use kfac::kernels::faer::linalg::evd;
+use kfac::kernels::faer::linalg::matmul::matmul;
+use kfac::kernels::faer::linalg::matmul::triangular::{self, BlockStructure};
+use kfac::kernels::faer::{Accum, Mat, MatRef, Par};
+use kfac::kernels::{eigen, factor, inverse, Real};
+
+/// `(label, Par)` for one thread, and for two threads.
+fn pars(two_threads: bool) -> Vec<(&'static str, Par)> {
+    let mut v = vec![("1t", Par::Seq)];
+    if two_threads {
+        v.push(("2t", Par::rayon(2)));
+    }
+    v
+}
+
+/// A scratch buffer with every page touched (fresh pages copy at half speed).
+fn prefaulted(req: StackReq) -> MemBuffer {
+    let mut buf = MemBuffer::new(req);
+    for b in buf.iter_mut() {
+        b.write(0);
+    }
+    buf
+}
+
+/// Deterministic pseudo-random values in `[-1, 1)` (xorshift).
+fn rand_vec<T: Real>(len: usize, seed: u64) -> Vec<T> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            T::from_f64((s >> 11) as f64 / (1u64 << 52) as f64 - 1.0)
+        })
+        .collect()
+}
+
+fn rand_mat<T: Real>(rows: usize, cols: usize, seed: u64) -> Mat<T> {
+    let v = rand_vec::<T>(rows * cols, seed);
+    Mat::from_fn(rows, cols, |i, j| v[i + j * rows])
+}
+
+/// A dense orthogonal matrix `I - 2 v v^T / (v^T v)` (a Householder
+/// reflector): applying it any number of times keeps values in range.
+fn householder<T: Real>(d: usize, seed: u64) -> Mat<T> {
+    let v: Vec<f64> = rand_vec::<f64>(d, seed).iter().map(|x| x + 1.5).collect();
+    let vv: f64 = v.iter().map(|x| x * x).sum();
+    Mat::from_fn(d, d, |i, j| {
+        let id = if i == j { 1.0 } else { 0.0 };
+        T::from_f64(id - 2.0 * v[i] * v[j] / vv)
+    })
+}
+
+fn group<'a>(c: &'a mut Criterion, name: String) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    g
+}
+
+// ---------------------------------------------------------------------------
+// 1. Factor update: SYRK (accumulate, alpha = 1) and the lazy running average
+//    against faer's full GEMM computing all of X^T X.
+// ---------------------------------------------------------------------------
+
+fn bench_factor_t<T: Real>(c: &mut Criterion) {
+    for &(n, d) in &[(256, 256), (256, 1024), (1024, 1024), (256, 4608)] {
+        // X is n x d row-major, as handed over from C.
+        let xs = rand_vec::<T>(n * d, (n * 31 + d) as u64);
+        let x = MatRef::from_row_major_slice(&xs, n, d);
+        let mut c_ours = Mat::<T>::zeros(d, d);
+        let mut c_lazy = Mat::<T>::zeros(d, d);
+        let mut c_full = Mat::<T>::zeros(d, d);
+        let mut buf = prefaulted(factor::syrk_update_scratch::<T>(n, d, false, Par::rayon(2)));
+        let beta = T::ONE / T::from_usize(n);
+        let syrk_flops = (n * d * (d + 1)) as u64;
+        let gemm_flops = (2 * n * d * d) as u64;
+
+        let mut g = group(c, format!("factor/{}/n{n}_d{d}", T::NAME));
+        for (label, par) in pars(d >= 1024) {
+            g.throughput(Throughput::Elements(syrk_flops));
+            g.bench_function(format!("syrk_update/{label}"), |b| {
+                b.iter(|| {
+                    factor::syrk_update(
+                        c_ours.as_mut(),
+                        T::ONE,
+                        beta,
+                        black_box(x),
+                        false,
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            let mut scale = T::ONE;
+            let xi = T::from_f64(0.95);
+            g.bench_function(format!("running_average_lazy/{label}"), |b| {
+                b.iter(|| {
+                    factor::running_average_lazy(
+                        c_lazy.as_mut(),
+                        &mut scale,
+                        xi,
+                        black_box(x),
+                        false,
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.throughput(Throughput::Elements(gemm_flops));
+            g.bench_function(format!("faer_gemm_full/{label}"), |b| {
+                b.iter(|| {
+                    matmul(
+                        c_full.as_mut(),
+                        Accum::Add,
+                        black_box(x).transpose(),
+                        x,
+                        beta,
+                        par,
+                    )
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn bench_factor(c: &mut Criterion) {
+    bench_factor_t::<f32>(c);
+    bench_factor_t::<f64>(c);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Eigendecomposition: eigen::sym_eigen against calling faer's
+//    self_adjoint_evd directly (the wrapper's checks, clamping and copy-out).
+// ---------------------------------------------------------------------------
+
+fn bench_eigen_t<T: Real>(c: &mut Criterion) {
+    for &d in &[256usize, 1024, 2048] {
+        // A well-conditioned SPD factor: X^T X / n + I.
+        let n = d + 64;
+        let x = rand_mat::<T>(n, d, d as u64);
+        let mut a = Mat::<T>::identity(d, d);
+        matmul(
+            a.as_mut(),
+            Accum::Add,
+            x.transpose(),
+            x.as_ref(),
+            T::ONE / T::from_usize(n),
+            Par::rayon(2),
+        );
+        let mut q = Mat::<T>::zeros(d, d);
+        let mut l = vec![T::ZERO; d];
+        let mut q_faer = Mat::<T>::zeros(d, d);
+        let mut s_faer = Mat::<T>::zeros(d, 1);
+        let mut buf = prefaulted(eigen::sym_eigen_scratch::<T>(d, Par::rayon(2)));
+        let mut buf_faer = prefaulted(evd::self_adjoint_evd_scratch::<T>(
+            d,
+            evd::ComputeEigenvectors::Yes,
+            Par::rayon(2),
+            Default::default(),
+        ));
+        let flops = 9 * (d as u64).pow(3);
+
+        let mut g = group(c, format!("eigen/{}/d{d}", T::NAME));
+        g.throughput(Throughput::Elements(flops));
+        for (label, par) in pars(d >= 1024) {
+            g.bench_function(format!("sym_eigen/{label}"), |b| {
+                b.iter(|| {
+                    eigen::sym_eigen(
+                        black_box(a.as_ref()),
+                        &mut l,
+                        q.as_mut(),
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("faer_self_adjoint_evd/{label}"), |b| {
+                b.iter(|| {
+                    evd::self_adjoint_evd(
+                        black_box(a.as_ref()),
+                        s_faer.as_mut().col_mut(0).as_diagonal_mut(),
+                        Some(q_faer.as_mut()),
+                        par,
+                        MemStack::new(&mut buf_faer),
+                        Default::default(),
+                    )
+                    .unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn bench_eigen(c: &mut Criterion) {
+    bench_eigen_t::<f32>(c);
+    bench_eigen_t::<f64>(c);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Preconditioning against plain faer matmuls of the same shapes.
+// ---------------------------------------------------------------------------
+
+fn bench_precondition_t<T: Real>(c: &mut Criterion) {
+    for &(d_out, d) in &[(64usize, 577usize), (256, 2305), (512, 4609), (1000, 2049)] {
+        // Orthogonal Q's and eigenvalues with l_G l_A + damping == 1, so the
+        // in-place preconditioners keep `grad` in range across iterations.
+        let qg = householder::<T>(d_out, 1);
+        let qa = householder::<T>(d, 2);
+        let lg = vec![T::from_f64(0.5); d_out];
+        let la = vec![T::ONE; d];
+        let damping = T::from_f64(0.5);
+        let mut inv_denom = Mat::<T>::zeros(d_out, d);
+        eigen::eigen_inverse_denominators(inv_denom.as_mut(), &lg, &la, damping).unwrap();
+        let grad0 = rand_mat::<T>(d_out, d, 3);
+        let mut grad = grad0.clone();
+        let mut t1 = Mat::<T>::zeros(d_out, d);
+        let mut t2 = Mat::<T>::zeros(d_out, d);
+        let mut out = Mat::<T>::zeros(d_out, d);
+        let mut buf = prefaulted(
+            eigen::precondition_eigen_scratch::<T>(d_out, d, Par::rayon(2)).or(
+                inverse::precondition_inverse_scratch::<T>(d_out, d, Par::rayon(2)),
+            ),
+        );
+        let four = (4 * d_out * d * (d_out + d)) as u64;
+        let two = (2 * d_out * d * (d_out + d)) as u64;
+
+        let mut g = group(c, format!("precondition/{}/{d_out}x{d}", T::NAME));
+        for (label, par) in pars(d_out >= 256) {
+            g.throughput(Throughput::Elements(four));
+            g.bench_function(format!("precondition_eigen/{label}"), |b| {
+                b.iter(|| {
+                    eigen::precondition_eigen(
+                        grad.as_mut(),
+                        qg.as_ref(),
+                        &lg,
+                        qa.as_ref(),
+                        &la,
+                        damping,
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("precondition_eigen_precomputed/{label}"), |b| {
+                b.iter(|| {
+                    eigen::precondition_eigen_precomputed(
+                        grad.as_mut(),
+                        qg.as_ref(),
+                        qa.as_ref(),
+                        inv_denom.as_ref(),
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("faer_4_matmuls/{label}"), |b| {
+                b.iter(|| {
+                    let gr = black_box(grad0.as_ref());
+                    matmul(t1.as_mut(), Accum::Replace, qg.transpose(), gr, T::ONE, par);
+                    matmul(
+                        t2.as_mut(),
+                        Accum::Replace,
+                        t1.as_ref(),
+                        qa.as_ref(),
+                        T::ONE,
+                        par,
+                    );
+                    matmul(
+                        t1.as_mut(),
+                        Accum::Replace,
+                        qg.as_ref(),
+                        t2.as_ref(),
+                        T::ONE,
+                        par,
+                    );
+                    matmul(
+                        out.as_mut(),
+                        Accum::Replace,
+                        t1.as_ref(),
+                        qa.transpose(),
+                        T::ONE,
+                        par,
+                    );
+                })
+            });
+            g.throughput(Throughput::Elements(two));
+            // The damped inverses are symmetric in real use; a reflector is
+            // symmetric and orthogonal, so it stands in for one.
+            g.bench_function(format!("precondition_inverse/{label}"), |b| {
+                b.iter(|| {
+                    inverse::precondition_inverse(
+                        grad.as_mut(),
+                        qg.as_ref(),
+                        qa.as_ref(),
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("faer_2_matmuls/{label}"), |b| {
+                b.iter(|| {
+                    let gr = black_box(grad0.as_ref());
+                    matmul(t1.as_mut(), Accum::Replace, qg.as_ref(), gr, T::ONE, par);
+                    matmul(
+                        out.as_mut(),
+                        Accum::Replace,
+                        t1.as_ref(),
+                        qa.as_ref(),
+                        T::ONE,
+                        par,
+                    );
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn bench_precondition(c: &mut Criterion) {
+    bench_precondition_t::<f32>(c);
+    bench_precondition_t::<f64>(c);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Conv2d patch statistics (ResNet-50 conv2_x 3x3 layer) against
+//    materialize-then-SYRK: a full im2col into one big matrix with plain
+//    loops, then faer's triangular-lower matmul on it.
+// ---------------------------------------------------------------------------
+
+/// Full im2col of every patch into `m` (`n*S x C*kh*kw`, column-major,
+/// columns `(c, u, v)`), plain loops over the output in storage order.
+fn im2col_plain<T: Real>(m: &mut [T], img: &[T], layout: ImageLayout, g: &Conv2dGeometry) {
+    let (oh, ow) = g.output_size().unwrap();
+    let (n, ch, h, w) = (g.batch, g.in_channels, g.in_h, g.in_w);
+    let rows = n * oh * ow;
+    let (sn, sc, sh, sw) = match layout {
+        ImageLayout::Nchw => (ch * h * w, h * w, w, 1),
+        ImageLayout::Nhwc => (h * w * ch, 1, w * ch, ch),
+    };
+    let mut col = 0;
+    for c in 0..ch {
+        for u in 0..g.kernel_h {
+            for v in 0..g.kernel_w {
+                let dst = &mut m[col * rows..(col + 1) * rows];
+                let mut r = 0;
+                for i in 0..n {
+                    for y in 0..oh {
+                        let iy = (y * g.stride_h + u * g.dilation_h) as isize - g.pad_h as isize;
+                        for x in 0..ow {
+                            let ix =
+                                (x * g.stride_w + v * g.dilation_w) as isize - g.pad_w as isize;
+                            dst[r] = if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w
+                            {
+                                img[i * sn + c * sc + iy as usize * sh + ix as usize * sw]
+                            } else {
+                                T::ZERO
+                            };
+                            r += 1;
+                        }
+                    }
+                }
+                col += 1;
+            }
+        }
+    }
+}
+
+fn bench_conv_t<T: Real>(c: &mut Criterion) {
+    let geom = Conv2dGeometry::new(32, 64, 56, 56, 3, 3).padding(1, 1);
+    let (oh, ow) = geom.output_size().unwrap();
+    let k = geom.patch_len().unwrap();
+    let positions = geom.batch * oh * ow;
+    let xs = rand_vec::<T>(geom.batch * 64 * 56 * 56, 7);
+    let flops = (positions * k * (k + 1)) as u64;
+    let mut a = Mat::<T>::zeros(k, k);
+    let mut a_base = Mat::<T>::zeros(k, k);
+    let mut buf = prefaulted(conv2d_a_update_scratch::<T>(&geom, false).unwrap());
+    // The baseline's materialized patch matrix (n*S x K, ~231 MB in f32).
+    let mut big = vec![T::ZERO; positions * k];
+    let scale = T::ONE / T::from_usize(positions);
+
+    let mut g = group(c, format!("conv2d_a/{}/resnet50_c64_56x56_n32_k3", T::NAME));
+    g.throughput(Throughput::Elements(flops));
+    for (layout, lname) in [(ImageLayout::Nchw, "nchw"), (ImageLayout::Nhwc, "nhwc")] {
+        let img = ImageRef::new(&xs, layout, geom.batch, 64, 56, 56).unwrap();
+        for (label, par) in pars(true) {
+            g.bench_function(format!("conv2d_a_update_{lname}/{label}"), |b| {
+                b.iter(|| {
+                    conv2d_a_update(
+                        a.as_mut(),
+                        T::ONE,
+                        T::ONE,
+                        black_box(img),
+                        &geom,
+                        false,
+                        ConvNormalization::Kfc,
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("im2col_then_syrk_{lname}/{label}"), |b| {
+                b.iter(|| {
+                    im2col_plain(&mut big, black_box(&xs), layout, &geom);
+                    let m = MatRef::from_column_major_slice(&big, positions, k);
+                    triangular::matmul(
+                        a_base.as_mut(),
+                        BlockStructure::TriangularLower,
+                        Accum::Add,
+                        m.transpose(),
+                        BlockStructure::Rectangular,
+                        m,
+                        BlockStructure::Rectangular,
+                        scale,
+                        par,
+                    );
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_conv(c: &mut Criterion) {
+    bench_conv_t::<f32>(c);
+    bench_conv_t::<f64>(c);
+}
+
+criterion_group!(
+    benches,
+    bench_factor,
+    bench_eigen,
+    bench_precondition,
+    bench_conv
+);
+criterion_main!(benches);
