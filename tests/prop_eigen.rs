@@ -1,0 +1,390 @@
+//! Properties of `kernels::eigen`: the clamped symmetric eigendecomposition
+//! and the eigenbasis preconditioners, against a Jacobi eigenvalue
+//! reference and the dense solve of `(A ⊗ G + damping I) vec(V) = vec(grad)`.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use faer::dyn_stack::MemStack;
+use kfac::kernels::eigen::{
+    eigen_inverse_denominators, precondition_eigen, precondition_eigen_precomputed,
+    precondition_eigen_scratch, sym_eigen, sym_eigen_scratch,
+};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+
+fn fail(e: kfac::kernels::Error) -> TestCaseError {
+    TestCaseError::fail(format!("kernel returned an error: {e}"))
+}
+
+const SENTINEL: f64 = -77.625;
+
+/// Runs `sym_eigen` on the lower triangle of `a` (the upper one NaN),
+/// eigenvectors into storage of `q_layout`. Returns `(l, Q)`.
+fn eigen_of<T: Flt>(
+    a: &M,
+    a_layout: Layout,
+    q_layout: Layout,
+    rayon: bool,
+) -> Result<(Vec<T>, Stored<T>), TestCaseError> {
+    let d = a.r;
+    let par = par_of(rayon);
+    let a_s = lower_only::<T>(a, a_layout);
+    let mut l = vec![T::from_f64(f64::NAN); d];
+    let mut q = Stored::<T>::filled(d, d, q_layout, T::from_f64(SENTINEL));
+    let before = q.clone();
+    let mut buf = buffer(sym_eigen_scratch::<T>(d, par));
+    sym_eigen(
+        a_s.view(),
+        &mut l,
+        q.view_mut(),
+        par,
+        MemStack::new(&mut buf),
+    )
+    .map_err(fail)?;
+    check_untouched("sym_eigen eigenvectors (padding)", &before, &q, |_, _| {
+        false
+    })?;
+    Ok((l, q))
+}
+
+// ---------------------------------------------------------------------------
+// sym_eigen
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum EigInput {
+    /// PSD: `X^T X / n` or a spread spectrum.
+    Psd(FactorSrc),
+    /// Symmetric indefinite, entries uniform in [-1, 1].
+    Indefinite,
+}
+
+#[derive(Clone, Debug)]
+struct EigCase {
+    d: usize,
+    input: EigInput,
+    a_layout: Layout,
+    q_layout: Layout,
+    rayon: bool,
+    seed: u64,
+}
+
+fn eig_case() -> impl Strategy<Value = EigCase> {
+    (
+        0usize..=24,
+        prop_oneof![
+            4 => factor_src().prop_map(EigInput::Psd),
+            1 => Just(EigInput::Indefinite),
+        ],
+        layout(),
+        layout(),
+        par(),
+        any::<u64>(),
+    )
+        .prop_map(|(d, input, a_layout, q_layout, rayon, seed)| EigCase {
+            d,
+            input,
+            a_layout,
+            q_layout,
+            rayon,
+            seed,
+        })
+}
+
+/// `sym_eigen`. With `b = 8 (d + 2) eps` for the backward error
+/// `||A - Q L Q^T|| <= b ||A||` and the loss of orthogonality of a
+/// Householder tridiagonalization + tridiagonal eigensolver (the classical
+/// `p(d) eps` with `p` linear; the `+ 2` is the tridiagonal solver's own
+/// O(1) rotations, which dominate for small `d`; faer reaches up to about
+/// `2.5 (d + 2) eps` (f32, d = 3) in our sweeps, and LAPACK's own acceptance
+/// threshold for these ratios, normalized by `d eps`, is 60:
+/// `TESTING/sep.in`):
+///
+/// * eigenvalues finite, `>= 0` and ascending;
+/// * `||Q^T Q - I||_F <= b`;
+/// * `|l_i - max(μ_i, 0)| <= b ||A||_F` against the Jacobi eigenvalues μ of
+///   the same (T-rounded) matrix (Weyl: a backward error `E` moves each
+///   eigenvalue by at most `||E||_2`; clamping is 1-Lipschitz);
+/// * for every `l_i > 0`: `||A q_i - l_i q_i||_2 <= b ||A||_F`;
+/// * on PSD inputs (the exact matrix before rounding to `T` is PSD), with
+///   `z` the number of zero eigenvalues returned:
+///   `||A - Q diag(l) Q^T||_F <= (b (1 + sqrt z) + 2 eps sqrt z) ||A||_F`.
+///   Each clamped eigenvalue was `>= -(b + eps) ||A||_F` (backward error
+///   plus the rounding of the PSD matrix to `T`, `|E| <= eps/2 |A|`
+///   entrywise, plus the `eps64` construction error), so clamping adds at
+///   most that much per clamped eigenvalue.
+fn check_sym_eigen<T: Flt>(case: &EigCase) -> Result<(), TestCaseError> {
+    let d = case.d;
+    let eps = T::eps();
+    let mut rg = Gen::new(case.seed);
+    let a = match case.input {
+        EigInput::Psd(src) => make_factor::<T>(&mut rg, d, src),
+        EigInput::Indefinite => rg.matrix(d, d).sym_from_lower().round::<T>(),
+    };
+    let (l, q) = eigen_of::<T>(&a, case.a_layout, case.q_layout, case.rayon)?;
+    let l: Vec<f64> = l.iter().map(|v| v.to_f64()).collect();
+    let q = q.to_m();
+    for (i, &v) in l.iter().enumerate() {
+        prop_assert!(
+            v.is_finite() && v >= 0.0,
+            "eigenvalue {} = {} is not finite and >= 0",
+            i,
+            v
+        );
+        if i > 0 {
+            prop_assert!(l[i - 1] <= v, "eigenvalues not ascending at {}: {:?}", i, l);
+        }
+    }
+    let b = 8.0 * (d + 2) as f64 * eps;
+    let norm_a = a.frob();
+    check_le(
+        "||Q^T Q - I||_F",
+        matmul(&q.t(), &q).sub(&M::identity(d)).frob(),
+        b,
+    )?;
+    let mu = jacobi_eigenvalues(&a);
+    for i in 0..d {
+        check_le(
+            &format!("eigenvalue {i} vs Jacobi reference {:e}", mu[i]),
+            (l[i] - mu[i].max(0.0)).abs(),
+            b * norm_a,
+        )?;
+    }
+    let aq = matmul(&a, &q);
+    for (i, &li) in l.iter().enumerate() {
+        if li > 0.0 {
+            let r: f64 = (0..d)
+                .map(|k| (aq[(k, i)] - li * q[(k, i)]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            check_le(&format!("||A q_{i} - l_{i} q_{i}||"), r, b * norm_a)?;
+        }
+    }
+    if let EigInput::Psd(_) = case.input {
+        let ql = M::from_fn(d, d, |i, j| q[(i, j)] * l[j]);
+        let recon = matmul(&ql, &q.t());
+        let z = l.iter().filter(|&&v| v == 0.0).count() as f64;
+        let tol = (b * (1.0 + z.sqrt()) + 2.0 * eps * z.sqrt()) * norm_a;
+        check_le("||A - Q L Q^T||_F", a.sub(&recon).frob(), tol)?;
+    }
+    Ok(())
+}
+
+both_types!(
+    sym_eigen_reconstructs_orthogonal_clamped_ascending,
+    eig_case(),
+    check_sym_eigen
+);
+
+/// A 0 x 0 factor (a layer with no inputs and no bias): the scratch query
+/// and the decomposition succeed and do nothing.
+#[test]
+fn sym_eigen_of_empty_matrix_is_ok() {
+    let a = faer::Mat::<f64>::zeros(0, 0);
+    let mut q = faer::Mat::<f64>::zeros(0, 0);
+    let mut l: Vec<f64> = vec![];
+    let mut buf = buffer(sym_eigen_scratch::<f64>(0, faer::Par::Seq));
+    sym_eigen(
+        a.as_ref(),
+        &mut l,
+        q.as_mut(),
+        faer::Par::Seq,
+        MemStack::new(&mut buf),
+    )
+    .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// precondition_eigen / precondition_eigen_precomputed
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct PrecCase {
+    d_in: usize,
+    d_out: usize,
+    a_src: FactorSrc,
+    g_src: FactorSrc,
+    u_frac: f64,
+    grad_layout: Layout,
+    qa_layout: Layout,
+    qg_layout: Layout,
+    denom_layout: Layout,
+    rayon: bool,
+    seed: u64,
+}
+
+fn prec_case() -> impl Strategy<Value = PrecCase> {
+    (
+        (
+            0usize..=12,
+            0usize..=12,
+            factor_src(),
+            factor_src(),
+            0.0..=1.0f64,
+        ),
+        (layout(), layout(), layout(), layout()),
+        (par(), any::<u64>()),
+    )
+        .prop_map(
+            |(
+                (d_in, d_out, a_src, g_src, u_frac),
+                (grad_layout, qa_layout, qg_layout, denom_layout),
+                (rayon, seed),
+            )| PrecCase {
+                d_in,
+                d_out,
+                a_src,
+                g_src,
+                u_frac,
+                grad_layout,
+                qa_layout,
+                qg_layout,
+                denom_layout,
+                rayon,
+                seed,
+            },
+        )
+}
+
+struct Prepared<T> {
+    a: M,
+    g: M,
+    grad: M,
+    damping: f64,
+    la: Vec<T>,
+    qa: Stored<T>,
+    lg: Vec<T>,
+    qg: Stored<T>,
+    grad_s: Stored<T>,
+}
+
+fn prepare<T: Flt>(case: &PrecCase) -> Result<Prepared<T>, TestCaseError> {
+    let mut rg = Gen::new(case.seed);
+    let a = make_factor::<T>(&mut rg, case.d_in, case.a_src);
+    let g = make_factor::<T>(&mut rg, case.d_out, case.g_src);
+    let grad = rg.matrix(case.d_out, case.d_in).round::<T>();
+    let damping = relative_damping::<T>(&a, &g, case.u_frac);
+    let (la, qa) = eigen_of::<T>(&a, Layout::ColMajor, case.qa_layout, case.rayon)?;
+    let (lg, qg) = eigen_of::<T>(&g, Layout::RowMajor, case.qg_layout, case.rayon)?;
+    let grad_s = Stored::<T>::from_m(&grad, case.grad_layout, T::from_f64(SENTINEL));
+    Ok(Prepared {
+        a,
+        g,
+        grad,
+        damping,
+        la,
+        qa,
+        lg,
+        qg,
+        grad_s,
+    })
+}
+
+/// `precondition_eigen(grad)` solves `(A ⊗ G + damping I) vec(V) =
+/// vec(grad)`; bounds in `common::check_kron_solution`.
+fn check_precondition_eigen<T: Flt>(case: &PrecCase) -> Result<(), TestCaseError> {
+    let mut p = prepare::<T>(case)?;
+    let par = par_of(case.rayon);
+    let before = p.grad_s.clone();
+    let mut buf = buffer(precondition_eigen_scratch::<T>(case.d_out, case.d_in, par));
+    precondition_eigen(
+        p.grad_s.view_mut(),
+        p.qg.view(),
+        &p.lg,
+        p.qa.view(),
+        &p.la,
+        T::from_f64(p.damping),
+        par,
+        MemStack::new(&mut buf),
+    )
+    .map_err(fail)?;
+    check_untouched(
+        "precondition_eigen (padding)",
+        &before,
+        &p.grad_s,
+        |_, _| false,
+    )?;
+    check_kron_solution::<T>(
+        "precondition_eigen",
+        &p.grad_s.to_m(),
+        &p.a,
+        &p.g,
+        &p.grad,
+        p.damping,
+    )
+}
+
+both_types!(
+    precondition_eigen_matches_dense_kron_solve,
+    prec_case(),
+    check_precondition_eigen
+);
+
+/// `eigen_inverse_denominators` is `1 / (l_G[i] l_A[j] + damping)` within
+/// three roundings (`2 eps` relative), and `precondition_eigen_precomputed`
+/// with it solves the damped Kronecker system (bounds in
+/// `common::check_kron_solution`).
+fn check_precondition_precomputed<T: Flt>(case: &PrecCase) -> Result<(), TestCaseError> {
+    let mut p = prepare::<T>(case)?;
+    let par = par_of(case.rayon);
+    let mut den = Stored::<T>::filled(
+        case.d_out,
+        case.d_in,
+        case.denom_layout,
+        T::from_f64(SENTINEL),
+    );
+    let den_before = den.clone();
+    eigen_inverse_denominators(den.view_mut(), &p.lg, &p.la, T::from_f64(p.damping))
+        .map_err(fail)?;
+    check_untouched(
+        "eigen_inverse_denominators (padding)",
+        &den_before,
+        &den,
+        |_, _| false,
+    )?;
+    let want = M::from_fn(case.d_out, case.d_in, |i, j| {
+        1.0 / (p.lg[i].to_f64() * p.la[j].to_f64() + p.damping)
+    });
+    let tol = want.scale(2.0 * T::eps());
+    check_entrywise(
+        "eigen_inverse_denominators",
+        &den.to_m(),
+        &want,
+        &tol,
+        |_, _| true,
+    )?;
+
+    let before = p.grad_s.clone();
+    let mut buf = buffer(precondition_eigen_scratch::<T>(case.d_out, case.d_in, par));
+    precondition_eigen_precomputed(
+        p.grad_s.view_mut(),
+        p.qg.view(),
+        p.qa.view(),
+        den.view(),
+        par,
+        MemStack::new(&mut buf),
+    )
+    .map_err(fail)?;
+    check_untouched(
+        "precondition_eigen_precomputed (padding)",
+        &before,
+        &p.grad_s,
+        |_, _| false,
+    )?;
+    check_kron_solution::<T>(
+        "precondition_eigen_precomputed",
+        &p.grad_s.to_m(),
+        &p.a,
+        &p.g,
+        &p.grad,
+        p.damping,
+    )
+}
+
+both_types!(
+    precondition_eigen_precomputed_matches_dense_kron_solve,
+    prec_case(),
+    check_precondition_precomputed
+);
