@@ -9,11 +9,16 @@
 //!   statistics, damped eigen- and Cholesky inversion, Kronecker
 //!   preconditioning, packed storage, KL clipping). The math conventions are
 //!   written once, in its crate docs.
+//! * [`demo`]: a self-contained training demo on the embedded UCI digits
+//!   data (SGD, Adam and K-FAC on a small MLP and a deep autoencoder), run by
+//!   `cargo run --release --example train`.
 //!
 //! ```
 //! use kfac::kernels::factor::factor_dim;
 //! assert_eq!(factor_dim(784, true), 785);
 //! ```
+
+pub mod demo;
 
 pub use kfac_kernels as kernels;
 pub use kfac_runtime as runtime;

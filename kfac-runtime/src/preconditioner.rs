@@ -698,7 +698,8 @@ impl Preconditioner {
             (0..nl).map(|_| None).collect()
         };
         drop(reduced);
-        let t_factor = t0.elapsed() + std::mem::take(&mut self.observe_time);
+        let t_observe = std::mem::take(&mut self.observe_time);
+        let t_factor = t0.elapsed() + t_observe;
 
         // Which layers this rank preconditions, and who leads each layer.
         let gsize = distributed::group_size(cfg.grad_worker_fraction, world);
@@ -930,7 +931,7 @@ impl Preconditioner {
                 inversion: t_inv,
                 preconditioning: t_prec,
                 communication: t_comm,
-                total: t_start.elapsed(),
+                total: t_start.elapsed() + t_observe,
             },
             state_bytes: self.state_bytes(),
         };

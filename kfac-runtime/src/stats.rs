@@ -14,7 +14,8 @@ pub struct StageTimes {
     pub preconditioning: Duration,
     /// Collectives (zero in a single process).
     pub communication: Duration,
-    /// The whole `step` call.
+    /// The whole `step` call plus the `observe` calls since the previous
+    /// step (so it bounds every stage above).
     pub total: Duration,
 }
 
