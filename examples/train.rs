@@ -3,8 +3,17 @@
 //! plot of the test loss against epochs and against seconds.
 //!
 //! ```text
-//! cargo run --release --example train [-- --task classify|autoencoder --epochs N --seed S]
+//! cargo run --release --example train [-- --task classify|autoencoder --epochs N --seed S --workers P]
 //! ```
+//!
+//! With `--workers P` (P > 1) the K-FAC run is repeated split across P
+//! processes on this machine: the example starts P copies of itself (with
+//! `KFAC_RANK`, `KFAC_WORLD_SIZE`, `KFAC_GROUP`, as `kfac-launch` would),
+//! which join a shared-memory group; each computes its shard of every
+//! minibatch, gradients are averaged across them and the preconditioner
+//! reduces factor statistics and shares decompositions. Rank 0 reports the
+//! result next to the single-process K-FAC run, with time per stage
+//! including communication.
 //!
 //! All three optimizers get the same architecture, the same initial weights,
 //! the same minibatches (batch 64) and the same epoch budget; only their own
@@ -60,15 +69,18 @@ struct Args {
     task: Task,
     epochs: Option<usize>,
     seed: u64,
+    workers: usize,
 }
 
-const USAGE: &str = "usage: train [--task classify|autoencoder] [--epochs N] [--seed S]";
+const USAGE: &str =
+    "usage: train [--task classify|autoencoder] [--epochs N] [--seed S] [--workers P]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         task: Task::Classify,
         epochs: None,
         seed: 0,
+        workers: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -86,6 +98,14 @@ fn parse_args() -> Result<Args, String> {
                 args.seed = value("--seed")?
                     .parse()
                     .map_err(|e| format!("--seed: {e}"))?
+            }
+            "--workers" => {
+                args.workers = value("--workers")?
+                    .parse()
+                    .map_err(|e| format!("--workers: {e}"))?;
+                if !(1..=64).contains(&args.workers) {
+                    return Err(format!("--workers must be in 1..=64\n{USAGE}"));
+                }
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -168,6 +188,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let target = target(task);
     let opts = optimizers(task);
     let wall = Instant::now();
+    if std::env::var_os(WORKER_ENV).is_some() {
+        return worker(&args, epochs, target);
+    }
 
     let bar = ProgressBar::new((opts.len() * epochs) as u64);
     bar.set_style(ProgressStyle::with_template(
@@ -189,7 +212,112 @@ fn main() -> Result<(), Box<dyn Error>> {
     print_table(&runs, target);
     let path = plot(&runs, task)?;
     println!("\nplot: {}", path.display());
+    if args.workers > 1 {
+        println!("\nK-FAC across processes (time per stage, summed over the run):");
+        println!("{STAGE_HEADER}");
+        if let Some(k) = runs.iter().find(|r| r.last().kfac_times.is_some()) {
+            println!("{}", stage_row(1, k, target));
+        }
+        launch_workers(args.workers)?;
+    }
     println!("wall time: {:.2} s", wall.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Set in the environment of the processes `--workers` starts.
+const WORKER_ENV: &str = "KFAC_DEMO_WORKER";
+
+const STAGE_HEADER: &str = "processes  epochs to target  final metric  factors s  inversions s  precond s  comm s  train s";
+
+fn stage_row(p: usize, r: &RunResult, target: Target) -> String {
+    let last = r.last();
+    let k = last.kfac_times.unwrap_or_default();
+    let m = match (last.test_accuracy, last.test_recon_error) {
+        (Some(a), _) => format!("{:.2}%", a * 100.0),
+        (None, Some(e)) => format!("{e:.4}"),
+        _ => "-".into(),
+    };
+    format!(
+        "{p:>9}  {:>16}  {m:>12}  {:>9.3}  {:>12.3}  {:>9.3}  {:>6.3}  {:>7.3}",
+        r.first_reaching(target)
+            .map_or("not reached".into(), |h| h.epoch.to_string()),
+        k.factor_update,
+        k.inversion,
+        k.preconditioning,
+        k.communication,
+        last.elapsed_secs,
+    )
+}
+
+/// Starts `p` copies of this program as the ranks of a shared-memory group
+/// and waits for them; if one fails, stops the others.
+fn launch_workers(p: usize) -> Result<(), Box<dyn Error>> {
+    let exe = std::env::current_exe()?;
+    let group = format!("demo-{}-{}", std::process::id(), wall_nanos());
+    let mut children = Vec::new();
+    for rank in 0..p {
+        let child = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env(WORKER_ENV, "1")
+            .env("KFAC_RANK", rank.to_string())
+            .env("KFAC_WORLD_SIZE", p.to_string())
+            .env("KFAC_GROUP", &group)
+            .spawn()?;
+        children.push(child);
+    }
+    let mut failed = None;
+    while children
+        .iter_mut()
+        .any(|c| matches!(c.try_wait(), Ok(None)))
+        && failed.is_none()
+    {
+        for c in children.iter_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                if !st.success() {
+                    failed = Some(st);
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for c in children.iter_mut() {
+        if failed.is_some() {
+            let _ = c.kill();
+        }
+        let st = c.wait()?;
+        if !st.success() && failed.is_none() {
+            failed = Some(st);
+        }
+    }
+    match failed {
+        Some(st) => Err(format!("a worker process failed: {st}").into()),
+        None => Ok(()),
+    }
+}
+
+fn wall_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// One rank of the `--workers` run: K-FAC only, its shard of every batch.
+fn worker(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Error>> {
+    use kfac::runtime::comm::shm::{ShmGroup, ShmOptions};
+    use kfac::runtime::comm::Communicator;
+    let group = ShmGroup::from_env(ShmOptions::default())?;
+    let (rank, world) = (group.rank(), group.size());
+    let opt = optimizers(args.task)
+        .into_iter()
+        .find(|o| matches!(o, Optimizer::Kfac(_)))
+        .ok_or("no K-FAC configuration")?;
+    let mut cfg = TrainConfig::new(args.task, opt);
+    cfg.epochs = epochs;
+    cfg.seed = args.seed;
+    let run = kfac::demo::train_distributed(&cfg, Box::new(group), |_| {})?;
+    if rank == 0 {
+        println!("{}", stage_row(world, &run, target));
+    }
     Ok(())
 }
 

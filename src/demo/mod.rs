@@ -41,4 +41,7 @@ pub mod rng;
 mod train;
 
 pub use optim::{FisherKind, KfacSettings, KfacTimes, Optimizer};
-pub use train::{train, train_with, DemoError, EpochRecord, RunResult, Target, Task, TrainConfig};
+pub use train::{
+    train, train_distributed, train_with, DemoError, EpochRecord, RunResult, Target, Task,
+    TrainConfig,
+};

@@ -3,6 +3,7 @@
 //! momentum on the preconditioned gradient).
 
 use faer::Mat;
+use kfac_runtime::comm::Communicator;
 use kfac_runtime::{Config, LayerGrad, LayerId, LayerKind, Observation, Preconditioner, Schedule};
 
 use super::mlp::{ForwardCache, LinearGrad, Loss, Mlp};
@@ -179,6 +180,9 @@ pub struct KfacTimes {
     pub inversion: f64,
     /// Preconditioning and KL clipping.
     pub preconditioning: f64,
+    /// Collectives (gradient averaging and the distributed step's own;
+    /// zero in one process).
+    pub communication: f64,
     /// Whole `step` calls plus `observe` calls.
     pub total: f64,
     /// Steps taken.
@@ -216,7 +220,19 @@ pub(crate) enum OptState {
 }
 
 impl OptState {
-    pub(crate) fn new(opt: &Optimizer, mlp: &Mlp, seed: u64) -> kfac_runtime::Result<Self> {
+    pub(crate) fn new(
+        opt: &Optimizer,
+        mlp: &Mlp,
+        seed: u64,
+        comm: Option<Box<dyn Communicator>>,
+    ) -> kfac_runtime::Result<Self> {
+        let rank = comm.as_ref().map_or(0, |c| c.rank()) as u64;
+        if comm.as_ref().is_some_and(|c| c.size() > 1) && !matches!(opt, Optimizer::Kfac(_)) {
+            return Err(kfac_runtime::Error::InvalidConfig {
+                field: "optimizer",
+                reason: "the demo trains across processes with K-FAC only".into(),
+            });
+        }
         Ok(match opt {
             Optimizer::Sgd { lr, momentum } => OptState::Sgd {
                 lr: *lr,
@@ -238,7 +254,10 @@ impl OptState {
                 t: 0,
             },
             Optimizer::Kfac(k) => {
-                let mut precond = Preconditioner::new(k.runtime_config())?;
+                let mut precond = match comm {
+                    Some(c) => Preconditioner::with_communicator(k.runtime_config(), c)?,
+                    None => Preconditioner::new(k.runtime_config())?,
+                };
                 let ids = mlp
                     .layers
                     .iter()
@@ -259,7 +278,8 @@ impl OptState {
                     precond: Box::new(precond),
                     ids,
                     vel: zeros_like(mlp),
-                    rng: SplitMix64::stream(seed, 3),
+                    // Each rank samples its own targets (rank 0: stream 3).
+                    rng: SplitMix64::stream(seed, 3 + 1000 * rank),
                     times: KfacTimes::default(),
                 }
             }
@@ -363,6 +383,12 @@ impl OptState {
                         )
                     })
                     .collect::<kfac_runtime::Result<Vec<_>>>()?;
+                // Across processes: every rank holds the mean-loss gradient
+                // of its shard, pre-scaled by the caller so that the
+                // average over ranks is the gradient of the whole batch.
+                let t_ar = std::time::Instant::now();
+                precond.allreduce_gradients(&mut lg)?;
+                let t_ar = t_ar.elapsed();
                 let stats = precond.step(&mut lg)?;
                 drop(lg);
                 let s = stats.times;
@@ -370,8 +396,9 @@ impl OptState {
                 times.factor_update += s.factor_update.as_secs_f64();
                 times.inversion += s.inversion.as_secs_f64();
                 times.preconditioning += s.preconditioning.as_secs_f64();
+                times.communication += (s.communication + t_ar).as_secs_f64();
                 // `total` covers the step and the observe calls before it.
-                times.total += s.total.as_secs_f64();
+                times.total += (s.total + t_ar).as_secs_f64();
                 times.steps += 1;
                 times.inversions += stats.inverses_updated as u64;
                 times.clipped_steps += (stats.kl_scale < 1.0) as u64;

@@ -286,9 +286,38 @@ pub fn train(config: &TrainConfig) -> Result<RunResult, DemoError> {
 /// ```
 pub fn train_with(
     config: &TrainConfig,
+    on_epoch: impl FnMut(&EpochRecord),
+) -> Result<RunResult, DemoError> {
+    train_impl(config, None, on_epoch)
+}
+
+/// [`train_with`] for one rank of a data-parallel K-FAC run: every
+/// minibatch is split into `comm.size()` contiguous shards, this rank
+/// computes the forward/backward pass and the K-FAC statistics of its shard
+/// only, gradients are averaged across ranks, and the preconditioner
+/// reduces the factor statistics and shares the decompositions over `comm`.
+/// All ranks end with identical weights; the recorded train loss is this
+/// rank's shard's. Minibatches smaller than the number of ranks are
+/// skipped (on every rank alike).
+///
+/// # Errors
+/// As [`train_with`]; [`DemoError::Kfac`] for a non-K-FAC optimizer or a
+/// failed collective (e.g. a dead peer).
+pub fn train_distributed(
+    config: &TrainConfig,
+    comm: Box<dyn kfac_runtime::comm::Communicator>,
+    on_epoch: impl FnMut(&EpochRecord),
+) -> Result<RunResult, DemoError> {
+    train_impl(config, Some(comm), on_epoch)
+}
+
+fn train_impl(
+    config: &TrainConfig,
+    comm: Option<Box<dyn kfac_runtime::comm::Communicator>>,
     mut on_epoch: impl FnMut(&EpochRecord),
 ) -> Result<RunResult, DemoError> {
     config.validate()?;
+    let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
     let data = load_digits(config.test_fraction)?;
     let train = match config.train_limit {
         Some(k) => data.train.truncate(k),
@@ -304,7 +333,7 @@ pub fn train_with(
         &mut SplitMix64::stream(config.seed, 1),
     );
     let mut batch_rng = SplitMix64::stream(config.seed, 2);
-    let mut state = OptState::new(&config.optimizer, &mlp, config.seed)?;
+    let mut state = OptState::new(&config.optimizer, &mlp, config.seed, comm)?;
 
     let init_train_loss = loss
         .loss_and_grad(
@@ -320,7 +349,11 @@ pub fn train_with(
         batch_rng.shuffle(&mut order);
         let t0 = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
-        for idx in order.chunks(config.batch_size) {
+        for full in order.chunks(config.batch_size) {
+            if full.len() < world {
+                continue;
+            }
+            let idx = &full[rank * full.len() / world..(rank + 1) * full.len() / world];
             let batch = train.gather(idx);
             let cache = mlp.forward(batch.x.as_ref());
             let (l, top) = loss.loss_and_grad(cache.output.as_ref(), task.targets(&batch));
@@ -332,6 +365,16 @@ pub fn train_with(
             seen += idx.len();
             let out_grads = mlp.backward(&cache, top);
             let mut grads = mlp.gradients(&cache, &out_grads);
+            if world > 1 {
+                // average over ranks of (n_r P / N) g_r = Σ n_r g_r / N
+                let s = (idx.len() * world) as f32 / full.len() as f32;
+                for g in &mut grads {
+                    g.weight
+                        .iter_mut()
+                        .chain(g.bias.iter_mut())
+                        .for_each(|v| *v *= s);
+                }
+            }
             state.update(&mut mlp, loss, &cache, &out_grads, &mut grads)?;
         }
         elapsed += t0.elapsed().as_secs_f64();
