@@ -1,6 +1,7 @@
 //! The shared-memory group across real processes (started by `kfac-launch`,
 //! which re-runs this test binary with `KFAC_TEST_ROLE` set).
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -121,7 +122,10 @@ fn worker_entry() {
                         ..
                     }
             );
-            println!("rank {rank} error after {:?}: {err}", t0.elapsed());
+            println!(
+                "rank {rank} error after {:.3} s: {err}",
+                t0.elapsed().as_secs_f64()
+            );
             std::process::exit(if named { 3 } else { 4 });
         }
         other => panic!("unknown role {other}"),
@@ -200,26 +204,56 @@ fn concurrent_groups_do_not_interfere() {
 
 #[test]
 fn sigkilled_rank_is_named_by_every_survivor_and_leaves_nothing() {
-    let (out, took, pid) = launch(3, "kill", 4096);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "launcher must fail: {stdout}");
-    // the failing status is the first failure seen: SIGKILL (137) or a
-    // survivor's "named the dead rank" exit code 3
-    let code = out.status.code().unwrap();
-    assert!(
-        code == 137 || code == 3,
-        "exit code {code}\n{stdout}\n{stderr}"
-    );
-    // every survivor that reported an error named rank 1 (exit code 3, not 4)
-    for line in stdout.lines().filter(|l| l.contains("error after")) {
-        assert!(line.contains("rank 1"), "{line}");
+    // Started directly (not through the launcher, which would stop the
+    // survivors as soon as rank 1 dies) so that every survivor's own
+    // detection is observed.
+    let group = format!("killtest-{}", std::process::id());
+    let t0 = Instant::now();
+    let children: Vec<_> = (0..3)
+        .map(|r| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "worker_entry",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
+                .env("KFAC_TEST_ROLE", "kill")
+                .env("KFAC_RANK", r.to_string())
+                .env("KFAC_WORLD_SIZE", "3")
+                .env("KFAC_GROUP", &group)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let took = t0.elapsed();
+    assert_eq!(outs[1].status.signal(), Some(libc::SIGKILL));
+    for r in [0, 2] {
+        let stdout = String::from_utf8_lossy(&outs[r].stdout);
+        // exit code 3: the error named rank 1 (4 would be any other error)
+        assert_eq!(outs[r].status.code(), Some(3), "rank {r}: {stdout}");
+        let line = stdout.lines().find(|l| l.contains("error after")).unwrap();
+        let secs: f64 = line
+            .split("error after ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        // the group timeout is 5 s: named within timeout + 1 s
+        assert!(secs < 6.0, "{line}");
     }
-    // group timeout 5 s + 1 s
-    assert!(
-        took < Duration::from_secs(6) + Duration::from_secs(3),
-        "took {took:?}"
-    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(!segment_exists(&group), "segment left in /dev/shm");
+
+    // Through the launcher: it exits non-zero and leaves nothing behind.
+    let (out, _, pid) = launch(3, "kill", 4096);
+    assert!(!out.status.success());
     assert!(no_segments_of(pid), "segment left in /dev/shm");
 }
 
