@@ -1,0 +1,184 @@
+//! The header compiles as strict C99 and C++17, and the C client in
+//! `examples/c/` runs against both the static and the shared library, in one
+//! process and as two ranks of a shared-memory group.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `target/<profile>`, where cargo put libkfac.a and libkfac.so.
+fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    assert!(
+        dir.join("libkfac.a").exists() && dir.join("libkfac.so").exists(),
+        "libkfac.a / libkfac.so not found in {}",
+        dir.display()
+    );
+    dir
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn header_compiles_as_strict_c99_and_cpp17() {
+    let dir = tempdir("hdr");
+    let c = dir.join("t.c");
+    std::fs::write(&c, "#include \"kfac.h\"\nint main(void) { return kfac_abi_version() == KFAC_ABI_VERSION ? 0 : 1; }\n").unwrap();
+    let inc = root().join("include");
+    run(Command::new("cc")
+        .args([
+            "-std=c99",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-fsyntax-only",
+            "-I",
+        ])
+        .arg(&inc)
+        .arg(&c));
+    let cpp = dir.join("t.cpp");
+    std::fs::write(&cpp, "#include \"kfac.h\"\nint main() { return kfac_abi_version() == KFAC_ABI_VERSION ? 0 : 1; }\n").unwrap();
+    run(Command::new("c++")
+        .args([
+            "-std=c++17",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-fsyntax-only",
+            "-I",
+        ])
+        .arg(&inc)
+        .arg(&cpp));
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kfac-ffi-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn build_client(static_link: bool) -> PathBuf {
+    let dir = tempdir(if static_link { "static" } else { "shared" });
+    let exe = dir.join("linear_regression");
+    let lib = lib_dir();
+    let mut cmd = Command::new("cc");
+    cmd.args([
+        "-std=c99",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-pedantic",
+        "-O1",
+        "-I",
+    ])
+    .arg(root().join("include"))
+    .arg(root().join("examples/c/linear_regression.c"))
+    .arg("-o")
+    .arg(&exe);
+    if static_link {
+        cmd.arg(lib.join("libkfac.a"))
+            .args(["-lpthread", "-ldl", "-lm"]);
+    } else {
+        cmd.arg(format!("-L{}", lib.display()))
+            .arg(format!("-Wl,-rpath,{}", lib.display()))
+            .args(["-lkfac", "-lm"]);
+    }
+    run(&mut cmd);
+    exe
+}
+
+#[test]
+fn c_client_runs_against_static_and_shared_library() {
+    for static_link in [true, false] {
+        let exe = build_client(static_link);
+        let out = run(Command::new(&exe).env("RUST_BACKTRACE", "0"));
+        assert!(out.contains("rank 0/1") && out.contains(", ok"), "{out}");
+    }
+}
+
+#[test]
+fn c_client_as_two_ranks_matches_one_process() {
+    let exe = build_client(true);
+    let single = run(Command::new(&exe).env("RUST_BACKTRACE", "0"));
+    let group = format!("ffi-test-{}", std::process::id());
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            Command::new(&exe)
+                .env("RUST_BACKTRACE", "0")
+                .env("KFAC_RANK", r.to_string())
+                .env("KFAC_WORLD_SIZE", "2")
+                .env("KFAC_GROUP", &group)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let fit = |s: &str| -> f64 {
+        s.split("|W-W*|+|b-b*| = ")
+            .nth(1)
+            .and_then(|t| t.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success() && s.contains(", ok") && s.contains("/2"),
+            "{s}"
+        );
+        // Both fit W*, b* (exactly representable data, a well-posed
+        // least-squares problem): the same answer within f32 rounding.
+        assert!((fit(&s) - fit(&single)).abs() < 1e-4, "{s} vs {single}");
+    }
+}
+
+#[test]
+fn cpp_raii_client_runs_alone_and_as_two_ranks() {
+    let dir = tempdir("cpp");
+    let exe = dir.join("linear_regression_cpp");
+    run(Command::new("c++")
+        .args(["-std=c++17", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join("examples/cpp/linear_regression.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(lib_dir().join("libkfac.a"))
+        .args(["-lpthread", "-ldl", "-lm"]));
+    let out = run(&mut Command::new(&exe));
+    assert!(out.contains("rank 0/1") && out.contains(", ok"), "{out}");
+    let group = format!("ffi-cpp-{}", std::process::id());
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            Command::new(&exe)
+                .env("KFAC_RANK", r.to_string())
+                .env("KFAC_WORLD_SIZE", "2")
+                .env("KFAC_GROUP", &group)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && s.contains("/2") && s.contains(", ok"),
+            "{s}"
+        );
+    }
+}

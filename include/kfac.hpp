@@ -1,0 +1,154 @@
+// kfac.hpp: a header-only C++17 RAII wrapper over kfac.h.
+//
+// Handles are move-only and freed by their destructors; every failing call
+// throws kfac::Error carrying the status and the library's message. Matrix
+// arguments are span-like views (pointer, rows, cols, leading dimension),
+// row-major, read or written only during the call.
+#ifndef KFAC_HPP
+#define KFAC_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kfac.h"
+
+namespace kfac {
+
+/// A failed call: the status and kfac_last_error()'s message.
+class Error : public std::runtime_error {
+ public:
+  Error(KfacStatus status, const std::string& message)
+      : std::runtime_error(message), status_(status) {}
+  KfacStatus status() const noexcept { return status_; }
+
+ private:
+  KfacStatus status_;
+};
+
+/// Throws kfac::Error unless `s` is KFAC_OK.
+inline void check(KfacStatus s) {
+  if (s != KFAC_OK) throw Error(s, kfac_last_error());
+}
+
+/// A row-major matrix view: `rows x cols`, `ld` elements between rows.
+template <class T>
+struct MatrixView {
+  T* data;
+  std::size_t rows;
+  std::size_t cols;
+  std::size_t ld;
+};
+
+/// A communicator (single process or shared-memory group).
+class Comm {
+ public:
+  static Comm local() {
+    KfacComm* h = nullptr;
+    check(kfac_comm_local(&h));
+    return Comm(h);
+  }
+  /// Joins the group of this process's environment (kfac-launch, RANK, ...).
+  static Comm shm_from_env(std::uint64_t timeout_ms = 60000) {
+    KfacComm* h = nullptr;
+    check(kfac_comm_shm_from_env(timeout_ms, &h));
+    return Comm(h);
+  }
+  Comm(Comm&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Comm& operator=(Comm&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  Comm(const Comm&) = delete;
+  Comm& operator=(const Comm&) = delete;
+  ~Comm() { reset(); }
+  std::pair<std::uint32_t, std::uint32_t> rank_and_size() const {
+    std::uint32_t r = 0, w = 0;
+    check(kfac_comm_rank(h_, &r, &w));
+    return {r, w};
+  }
+  KfacComm* get() const noexcept { return h_; }
+
+ private:
+  explicit Comm(KfacComm* h) : h_(h) {}
+  void reset() noexcept {
+    if (h_) (void)kfac_comm_free(h_);
+    h_ = nullptr;
+  }
+  KfacComm* h_ = nullptr;
+};
+
+/// A K-FAC preconditioner.
+class Preconditioner {
+ public:
+  static KfacConfig default_config() {
+    KfacConfig c;
+    check(kfac_config_default(&c));
+    return c;
+  }
+  /// `comm` may be null (single process); its connection is taken over.
+  explicit Preconditioner(const KfacConfig& cfg, Comm* comm = nullptr) {
+    check(kfac_precond_create(&cfg, comm ? comm->get() : nullptr, &h_));
+  }
+  static Preconditioner load(const std::vector<unsigned char>& bytes, Comm* comm = nullptr) {
+    KfacPrecond* h = nullptr;
+    check(kfac_load(bytes.data(), bytes.size(), comm ? comm->get() : nullptr, &h));
+    return Preconditioner(h);
+  }
+  Preconditioner(Preconditioner&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Preconditioner& operator=(Preconditioner&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  Preconditioner(const Preconditioner&) = delete;
+  Preconditioner& operator=(const Preconditioner&) = delete;
+  ~Preconditioner() { reset(); }
+
+  std::uint32_t add_linear(const std::string& name, std::size_t in, std::size_t out, bool bias) {
+    std::uint32_t id = 0;
+    check(kfac_register_linear(h_, name.c_str(), in, out, bias ? 1u : 0u, &id));
+    return id;
+  }
+  void observe_linear(std::uint32_t id, MatrixView<const float> a, MatrixView<const float> g) {
+    if (a.rows != g.rows) throw Error(KFAC_ERR_SHAPE, "activations and gradients differ in rows");
+    check(kfac_observe_linear(h_, id, a.data, a.rows, a.ld, g.data, g.ld));
+  }
+  KfacStepStats step(const std::vector<KfacGrad>& grads) {
+    KfacStepStats s{};
+    check(kfac_step(h_, grads.data(), grads.size(), &s));
+    return s;
+  }
+  void allreduce_gradients(const std::vector<KfacGrad>& grads) {
+    check(kfac_allreduce_gradients(h_, grads.data(), grads.size()));
+  }
+  std::vector<unsigned char> save() const {
+    std::size_t n = 0, written = 0;
+    check(kfac_save_size(h_, &n));
+    std::vector<unsigned char> b(n);
+    check(kfac_save(h_, b.data(), b.size(), &written));
+    b.resize(written);
+    return b;
+  }
+  KfacPrecond* get() const noexcept { return h_; }
+
+ private:
+  explicit Preconditioner(KfacPrecond* h) : h_(h) {}
+  void reset() noexcept {
+    if (h_) (void)kfac_precond_free(h_);
+    h_ = nullptr;
+  }
+  KfacPrecond* h_ = nullptr;
+};
+
+}  // namespace kfac
+
+#endif  // KFAC_HPP
