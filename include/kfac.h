@@ -71,6 +71,14 @@ typedef enum {
   KFAC_METHOD_INVERSE = 1,
 } KfacMethod;
 
+// Element type of a reduction in a [`KfacCollectives`] callback.
+typedef enum {
+  // `float`.
+  KFAC_DTYPE_F32 = 0,
+  // `double`.
+  KFAC_DTYPE_F64 = 1,
+} KfacDtype;
+
 // Memory layout of conv2d tensors.
 typedef enum {
   // (batch, channel, height, width).
@@ -114,6 +122,30 @@ typedef struct {
   // Factor statistics on the wire: 0 f32 (default), 1 bf16, 2 f16.
   uint32_t wire;
 } KfacConfig;
+
+// Caller-provided collectives, so that K-FAC's communication goes through
+// the training stack's own NCCL/Gloo/MPI communicator. Every callback
+// returns 0 on success and any other value on failure (reported as
+// `KFAC_ERR_COMM`); all ranks call them in the same order. The library
+// calls them only from inside kfac calls on the owning preconditioner, on
+// the calling thread.
+typedef struct {
+  // Passed to every callback.
+  void *user_data;
+  // This rank.
+  uint32_t rank;
+  // Number of ranks.
+  uint32_t world_size;
+  // In-place sum of `count` elements of `dtype` across ranks.
+  int32_t (*allreduce)(void *user_data, void *buf, size_t count, KfacDtype dtype);
+  // Copies `bytes` bytes of `root`'s `buf` into every rank's `buf`.
+  int32_t (*broadcast)(void *user_data, void *buf, size_t bytes, uint32_t root);
+  // Gathers `bytes` bytes from every rank into `recv` (`world_size *
+  // bytes`, rank order). Every rank passes the same `bytes`.
+  int32_t (*allgather)(void *user_data, const void *send, void *recv, size_t bytes);
+  // Returns once every rank has called it.
+  int32_t (*barrier)(void *user_data);
+} KfacCollectives;
 
 // A layer's gradient for `kfac_step`, preconditioned in place. `weight`
 // is `out x in` row-major with leading dimension `ldw` (PyTorch layout:
@@ -210,6 +242,14 @@ KfacStatus kfac_comm_shm_join(const char *group,
                               uint32_t world_size,
                               uint64_t timeout_ms,
                               KfacComm **out);
+
+// A communicator built from caller-provided collectives (copied; every
+// callback must be non-NULL, `rank < world_size`).
+//
+// # Safety
+// `collectives` NULL or readable; its callbacks and `user_data` stay valid
+// while any preconditioner using the communicator lives; `out` writable.
+KfacStatus kfac_comm_from_callbacks(const KfacCollectives *collectives, KfacComm **out);
 
 // Rank and world size of a communicator.
 //

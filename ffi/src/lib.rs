@@ -543,6 +543,255 @@ pub unsafe extern "C" fn kfac_comm_shm_join(
     })
 }
 
+/// Element type of a reduction in a [`KfacCollectives`] callback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum KfacDtype {
+    /// `float`.
+    KFAC_DTYPE_F32 = 0,
+    /// `double`.
+    KFAC_DTYPE_F64 = 1,
+}
+
+/// Caller-provided collectives, so that K-FAC's communication goes through
+/// the training stack's own NCCL/Gloo/MPI communicator. Every callback
+/// returns 0 on success and any other value on failure (reported as
+/// `KFAC_ERR_COMM`); all ranks call them in the same order. The library
+/// calls them only from inside kfac calls on the owning preconditioner, on
+/// the calling thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KfacCollectives {
+    /// Passed to every callback.
+    pub user_data: *mut core::ffi::c_void,
+    /// This rank.
+    pub rank: u32,
+    /// Number of ranks.
+    pub world_size: u32,
+    /// In-place sum of `count` elements of `dtype` across ranks.
+    pub allreduce: Option<
+        unsafe extern "C" fn(
+            user_data: *mut core::ffi::c_void,
+            buf: *mut core::ffi::c_void,
+            count: usize,
+            dtype: KfacDtype,
+        ) -> i32,
+    >,
+    /// Copies `bytes` bytes of `root`'s `buf` into every rank's `buf`.
+    pub broadcast: Option<
+        unsafe extern "C" fn(
+            user_data: *mut core::ffi::c_void,
+            buf: *mut core::ffi::c_void,
+            bytes: usize,
+            root: u32,
+        ) -> i32,
+    >,
+    /// Gathers `bytes` bytes from every rank into `recv` (`world_size *
+    /// bytes`, rank order). Every rank passes the same `bytes`.
+    pub allgather: Option<
+        unsafe extern "C" fn(
+            user_data: *mut core::ffi::c_void,
+            send: *const core::ffi::c_void,
+            recv: *mut core::ffi::c_void,
+            bytes: usize,
+        ) -> i32,
+    >,
+    /// Returns once every rank has called it.
+    pub barrier: Option<unsafe extern "C" fn(user_data: *mut core::ffi::c_void) -> i32>,
+}
+
+struct Callbacks(KfacCollectives);
+
+// SAFETY: the caller promises (header docs) that its callbacks and
+// `user_data` may be used from the thread that calls into the library.
+unsafe impl Send for Callbacks {}
+
+impl Callbacks {
+    fn rc(&self, what: &'static str, rc: i32) -> Result<(), kfac_runtime::comm::CommError> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(kfac_runtime::comm::CommError::Os {
+                call: what,
+                reason: format!("callback returned {rc}"),
+            })
+        }
+    }
+}
+
+impl Communicator for Callbacks {
+    fn rank(&self) -> usize {
+        self.0.rank as usize
+    }
+    fn size(&self) -> usize {
+        self.0.world_size as usize
+    }
+    fn allreduce_bytes(
+        &mut self,
+        data: &mut [u8],
+        ty: kfac_runtime::comm::ReduceType,
+    ) -> Result<(), kfac_runtime::comm::CommError> {
+        let (dtype, e) = match ty {
+            kfac_runtime::comm::ReduceType::F32 => (KfacDtype::KFAC_DTYPE_F32, 4),
+            kfac_runtime::comm::ReduceType::F64 => (KfacDtype::KFAC_DTYPE_F64, 8),
+        };
+        let f = self
+            .0
+            .allreduce
+            .ok_or(kfac_runtime::comm::CommError::InvalidArgument {
+                reason: "no allreduce callback".into(),
+            })?;
+        // SAFETY: the callback contract (header): `buf` holds `count`
+        // elements of `dtype`, valid for the call.
+        let rc = unsafe {
+            f(
+                self.0.user_data,
+                data.as_mut_ptr().cast(),
+                data.len() / e,
+                dtype,
+            )
+        };
+        self.rc("allreduce callback", rc)
+    }
+    fn reduce_bytes(
+        &mut self,
+        data: &mut [u8],
+        ty: kfac_runtime::comm::ReduceType,
+        root: usize,
+    ) -> Result<(), kfac_runtime::comm::CommError> {
+        // A sum on every rank; non-roots restore their input.
+        let keep = (self.rank() != root).then(|| data.to_vec());
+        self.allreduce_bytes(data, ty)?;
+        if let Some(k) = keep {
+            data.copy_from_slice(&k);
+        }
+        Ok(())
+    }
+    fn broadcast_bytes(
+        &mut self,
+        data: &mut [u8],
+        root: usize,
+    ) -> Result<(), kfac_runtime::comm::CommError> {
+        let f = self
+            .0
+            .broadcast
+            .ok_or(kfac_runtime::comm::CommError::InvalidArgument {
+                reason: "no broadcast callback".into(),
+            })?;
+        // SAFETY: `data` is valid for `len` bytes during the call.
+        let rc = unsafe {
+            f(
+                self.0.user_data,
+                data.as_mut_ptr().cast(),
+                data.len(),
+                root as u32,
+            )
+        };
+        self.rc("broadcast callback", rc)
+    }
+    fn allgather_bytes(
+        &mut self,
+        send: &[u8],
+    ) -> Result<(Vec<u8>, Vec<usize>), kfac_runtime::comm::CommError> {
+        let f = self
+            .0
+            .allgather
+            .ok_or(kfac_runtime::comm::CommError::InvalidArgument {
+                reason: "no allgather callback".into(),
+            })?;
+        let world = self.size();
+        // sizes first, then the payloads padded to the largest
+        let mine = (send.len() as u64).to_le_bytes();
+        let mut sizes_raw = vec![0u8; 8 * world];
+        // SAFETY: `recv` holds world * 8 bytes.
+        let rc = unsafe {
+            f(
+                self.0.user_data,
+                mine.as_ptr().cast(),
+                sizes_raw.as_mut_ptr().cast(),
+                8,
+            )
+        };
+        self.rc("allgather callback", rc)?;
+        let sizes: Vec<usize> = sizes_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as usize)
+            .collect();
+        let max = sizes.iter().copied().max().unwrap_or(0);
+        let mut padded = send.to_vec();
+        padded.resize(max, 0);
+        let mut all = vec![0u8; max * world];
+        if max > 0 {
+            // SAFETY: `send` `max` bytes, `recv` `world * max` bytes.
+            let rc = unsafe {
+                f(
+                    self.0.user_data,
+                    padded.as_ptr().cast(),
+                    all.as_mut_ptr().cast(),
+                    max,
+                )
+            };
+            self.rc("allgather callback", rc)?;
+        }
+        let mut out = Vec::with_capacity(sizes.iter().sum());
+        for (r, &s) in sizes.iter().enumerate() {
+            out.extend_from_slice(&all[r * max..r * max + s]);
+        }
+        Ok((out, sizes))
+    }
+    fn barrier(&mut self) -> Result<(), kfac_runtime::comm::CommError> {
+        let f = self
+            .0
+            .barrier
+            .ok_or(kfac_runtime::comm::CommError::InvalidArgument {
+                reason: "no barrier callback".into(),
+            })?;
+        // SAFETY: callback contract.
+        let rc = unsafe { f(self.0.user_data) };
+        self.rc("barrier callback", rc)
+    }
+}
+
+/// A communicator built from caller-provided collectives (copied; every
+/// callback must be non-NULL, `rank < world_size`).
+///
+/// # Safety
+/// `collectives` NULL or readable; its callbacks and `user_data` stay valid
+/// while any preconditioner using the communicator lives; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn kfac_comm_from_callbacks(
+    collectives: *const KfacCollectives,
+    out: *mut *mut KfacComm,
+) -> KfacStatus {
+    guard(|| {
+        out_ptr(out, "out")?;
+        if collectives.is_null() {
+            return fail(KFAC_ERR_NULL, "collectives is NULL");
+        }
+        // SAFETY: non-NULL and readable by contract.
+        let c = unsafe { *collectives };
+        if c.allreduce.is_none()
+            || c.broadcast.is_none()
+            || c.allgather.is_none()
+            || c.barrier.is_none()
+        {
+            return fail(
+                KFAC_ERR_NULL,
+                "every callback (allreduce, broadcast, allgather, barrier) is required",
+            );
+        }
+        if c.world_size == 0 || c.rank >= c.world_size {
+            return fail(
+                KFAC_ERR_INVALID_ARGUMENT,
+                format!("rank {} of world {}", c.rank, c.world_size),
+            );
+        }
+        new_comm(Box::new(Callbacks(c)), out);
+        Ok(())
+    })
+}
+
 /// Rank and world size of a communicator.
 ///
 /// # Safety

@@ -65,8 +65,12 @@ fn header_compiles_as_strict_c99_and_cpp17() {
         .arg(&cpp));
 }
 
+/// A fresh directory per call (tests run in parallel and build the same
+/// clients).
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kfac-ffi-{tag}-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("kfac-ffi-{tag}-{}-{k}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -181,4 +185,53 @@ fn cpp_raii_client_runs_alone_and_as_two_ranks() {
             "{s}"
         );
     }
+}
+
+#[test]
+fn caller_provided_collectives_match_a_single_rank_and_report_failures() {
+    let dir = tempdir("cb");
+    let exe = dir.join("callbacks");
+    run(Command::new("cc")
+        .args([
+            "-std=c99",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-pthread",
+            "-I",
+        ])
+        .arg(root().join("include"))
+        .arg(root().join("examples/c/callbacks.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(lib_dir().join("libkfac.a"))
+        .args(["-lpthread", "-ldl", "-lm"]));
+    let out = run(&mut Command::new(&exe));
+    assert!(
+        out.contains("callbacks ok") && out.contains("status 7"),
+        "{out}"
+    );
+}
+
+#[test]
+fn c_client_is_clean_under_valgrind_memcheck() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        panic!("valgrind is required (installed by .ci/run)");
+    }
+    let exe = build_client(true);
+    let out = Command::new("valgrind")
+        .args([
+            "--error-exitcode=99",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--show-leak-kinds=definite",
+        ])
+        .arg(&exe)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "valgrind reported errors:\n{err}");
+    assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
 }
