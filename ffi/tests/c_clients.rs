@@ -235,3 +235,35 @@ fn c_client_is_clean_under_valgrind_memcheck() {
     assert!(out.status.success(), "valgrind reported errors:\n{err}");
     assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
 }
+
+#[test]
+fn installed_package_builds_the_c_client_with_pkg_config() {
+    let prefix = tempdir("prefix");
+    run(Command::new("bash")
+        .arg(root().join("scripts/install.sh"))
+        .args(["--no-build", "--prefix"])
+        .arg(&prefix)
+        .arg("--lib-dir")
+        .arg(lib_dir()));
+    for f in [
+        "lib/libkfac.so",
+        "lib/libkfac.a",
+        "include/kfac.h",
+        "include/kfac.hpp",
+        "lib/cmake/kfac/kfacConfig.cmake",
+    ] {
+        assert!(prefix.join(f).exists(), "{f} not installed");
+    }
+    let flags = run(Command::new("pkg-config")
+        .args(["--cflags", "--libs", "kfac"])
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig")));
+    let exe = prefix.join("client");
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cc -std=c99 -O1 {} {} -o {} -lm",
+        root().join("examples/c/linear_regression.c").display(),
+        flags.trim(),
+        exe.display()
+    )));
+    let out = run(Command::new(&exe).env("RUST_BACKTRACE", "0"));
+    assert!(out.contains(", ok"), "{out}");
+}
