@@ -835,18 +835,26 @@ pub unsafe extern "C" fn kfac_comm_rank(
 /// `comm` NULL or a handle from `kfac_comm_*`, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn kfac_comm_free(comm: *mut KfacComm) -> KfacStatus {
+    // SAFETY: forwarded contract.
+    unsafe { free_handle(comm, TAG_COMM, "communicator") }
+}
+
+/// Frees a registered handle: NULL is a no-op, an unknown address (freed or
+/// foreign) is refused without being dereferenced.
+unsafe fn free_handle<T>(h: *mut T, tag: u8, what: &str) -> KfacStatus {
     guard(|| {
-        if comm.is_null() {
+        if h.is_null() {
             return Ok(());
         }
-        if !unregister(comm as usize, TAG_COMM) {
+        if !unregister(h as usize, tag) {
             return fail(
                 KFAC_ERR_INVALID_HANDLE,
-                "not a live communicator handle (double free?)",
+                format!("not a live {what} handle (double free?)"),
             );
         }
-        // SAFETY: it was live and created by Box::into_raw; now unregistered.
-        drop(unsafe { Box::from_raw(comm) });
+        // SAFETY: it was registered live, created by Box::into_raw, and is
+        // now unregistered, so this is the only release.
+        drop(unsafe { Box::from_raw(h) });
         Ok(())
     })
 }
@@ -914,20 +922,8 @@ pub unsafe extern "C" fn kfac_precond_create(
 /// `p` NULL or a handle from `kfac_precond_create`/`kfac_load`.
 #[no_mangle]
 pub unsafe extern "C" fn kfac_precond_free(p: *mut KfacPrecond) -> KfacStatus {
-    guard(|| {
-        if p.is_null() {
-            return Ok(());
-        }
-        if !unregister(p as usize, TAG_PRECOND) {
-            return fail(
-                KFAC_ERR_INVALID_HANDLE,
-                "not a live preconditioner handle (double free?)",
-            );
-        }
-        // SAFETY: was live, created by Box::into_raw, now unregistered.
-        drop(unsafe { Box::from_raw(p) });
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    unsafe { free_handle(p, TAG_PRECOND, "preconditioner") }
 }
 
 fn name_of<'a>(name: *const c_char) -> R<&'a str> {

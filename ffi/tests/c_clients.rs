@@ -75,6 +75,37 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
+/// Runs `exe` as the two ranks of a fresh shared-memory group (processes
+/// started directly, with the variables `kfac-launch` would set); returns
+/// each rank's stdout after checking it succeeded.
+fn two_ranks(exe: &Path, tag: &str) -> Vec<String> {
+    let group = format!("ffi-{tag}-{}", std::process::id());
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            Command::new(exe)
+                .env("RUST_BACKTRACE", "0")
+                .env("KFAC_RANK", r.to_string())
+                .env("KFAC_WORLD_SIZE", "2")
+                .env("KFAC_GROUP", &group)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            let s = String::from_utf8_lossy(&o.stdout).to_string();
+            assert!(
+                o.status.success() && s.contains("/2") && s.contains("ok"),
+                "{s}"
+            );
+            s
+        })
+        .collect()
+}
+
 fn build_client(static_link: bool) -> PathBuf {
     let dir = tempdir(if static_link { "static" } else { "shared" });
     let exe = dir.join("linear_regression");
@@ -118,19 +149,6 @@ fn c_client_runs_against_static_and_shared_library() {
 fn c_client_as_two_ranks_matches_one_process() {
     let exe = build_client(true);
     let single = run(Command::new(&exe).env("RUST_BACKTRACE", "0"));
-    let group = format!("ffi-test-{}", std::process::id());
-    let children: Vec<_> = (0..2)
-        .map(|r| {
-            Command::new(&exe)
-                .env("RUST_BACKTRACE", "0")
-                .env("KFAC_RANK", r.to_string())
-                .env("KFAC_WORLD_SIZE", "2")
-                .env("KFAC_GROUP", &group)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
     let fit = |s: &str| -> f64 {
         s.split("|W-W*|+|b-b*| = ")
             .nth(1)
@@ -138,13 +156,7 @@ fn c_client_as_two_ranks_matches_one_process() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap()
     };
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        let s = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success() && s.contains(", ok") && s.contains("/2"),
-            "{s}"
-        );
+    for s in two_ranks(&exe, "linreg") {
         // Both fit W*, b* (exactly representable data, a well-posed
         // least-squares problem): the same answer within f32 rounding.
         assert!((fit(&s) - fit(&single)).abs() < 1e-4, "{s} vs {single}");
@@ -165,26 +177,7 @@ fn cpp_raii_client_runs_alone_and_as_two_ranks() {
         .args(["-lpthread", "-ldl", "-lm"]));
     let out = run(&mut Command::new(&exe));
     assert!(out.contains("rank 0/1") && out.contains(", ok"), "{out}");
-    let group = format!("ffi-cpp-{}", std::process::id());
-    let children: Vec<_> = (0..2)
-        .map(|r| {
-            Command::new(&exe)
-                .env("KFAC_RANK", r.to_string())
-                .env("KFAC_WORLD_SIZE", "2")
-                .env("KFAC_GROUP", &group)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in children {
-        let o = c.wait_with_output().unwrap();
-        let s = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success() && s.contains("/2") && s.contains(", ok"),
-            "{s}"
-        );
-    }
+    two_ranks(&exe, "cpp");
 }
 
 #[test]
@@ -297,22 +290,7 @@ fn c_mlp_trains_alone_and_as_two_ranks_with_the_same_result() {
     };
     let single = run(&mut Command::new(&exe));
     assert!(single.contains(" ok"), "{single}");
-    let group = format!("ffi-mlp-{}", std::process::id());
-    let children: Vec<_> = (0..2)
-        .map(|r| {
-            Command::new(&exe)
-                .env("KFAC_RANK", r.to_string())
-                .env("KFAC_WORLD_SIZE", "2")
-                .env("KFAC_GROUP", &group)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in children {
-        let o = c.wait_with_output().unwrap();
-        let s = String::from_utf8_lossy(&o.stdout).to_string();
-        assert!(o.status.success() && s.contains(" ok"), "{s}");
+    for s in two_ranks(&exe, "mlp") {
         // Sums over shards instead of the whole batch: f32 rounding only,
         // amplified over 40 steps; 1e-3 absolute on a sum of 48 weights.
         assert!(
