@@ -9,16 +9,38 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `target/<profile>`, where cargo put libkfac.a and libkfac.so.
+/// `target/<profile>`, where cargo puts libkfac.a and libkfac.so. A plain
+/// `cargo test` does not build a cdylib/staticlib for integration tests,
+/// so the first caller builds them with `cargo build -p kfac-ffi` (same
+/// profile and target directory; cargo has released its lock by the time
+/// tests run).
 fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(
-        dir.join("libkfac.a").exists() && dir.join("libkfac.so").exists(),
-        "libkfac.a / libkfac.so not found in {}",
-        dir.display()
-    );
-    dir
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let target = dir.parent().unwrap().to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "kfac-ffi", "--lib", "--manifest-path"])
+            .arg(root().join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &target);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "building libkfac failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            dir.join("libkfac.a").exists() && dir.join("libkfac.so").exists(),
+            "libkfac.a / libkfac.so not found in {}",
+            dir.display()
+        );
+        dir
+    })
+    .clone()
 }
 
 fn run(cmd: &mut Command) -> String {
