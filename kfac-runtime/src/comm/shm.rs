@@ -679,20 +679,29 @@ impl ShmGroup {
             self.ctl(self.rank)
                 .heartbeat
                 .store(now_ns(), Ordering::Relaxed);
-            // Liveness of the ranks we are waiting for.
-            for &r in &lag2 {
+            // Liveness of the ranks still lagging (fresh list: a peer may
+            // have finished its part during the sleep and exited since).
+            let lag3 = pending(self)?;
+            if lag3.is_empty() {
+                return Ok(());
+            }
+            for &r in &lag3 {
                 let c = self.ctl(r);
                 let pid = c.pid.load(Ordering::SeqCst);
                 if pid > 0 && !alive(pid, c.start_time.load(Ordering::SeqCst)) {
-                    self.abort(Some(r));
-                    return Err(CommError::PeerDied { rank: r, pid });
+                    // A dead process cannot advance: if it is still lagging
+                    // now, it died before doing its part.
+                    if pending(self)?.contains(&r) {
+                        self.abort(Some(r));
+                        return Err(CommError::PeerDied { rank: r, pid });
+                    }
                 }
             }
             if Instant::now() >= deadline {
-                self.abort(lag2.first().copied());
+                self.abort(lag3.first().copied());
                 return Err(CommError::Timeout {
                     op,
-                    waiting_for: lag2,
+                    waiting_for: lag3,
                     timeout: self.timeout,
                 });
             }
