@@ -97,6 +97,30 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
+/// Compiles one example source (C99 or C++17, strict warnings) against the
+/// static library.
+fn compile_static(source: &str, name: &str, cxx: bool) -> PathBuf {
+    let exe = tempdir(name).join(name);
+    let (cc, std) = if cxx {
+        ("c++", "-std=c++17")
+    } else {
+        ("cc", "-std=c99")
+    };
+    let mut cmd = Command::new(cc);
+    cmd.args([std, "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join(source))
+        .arg("-o")
+        .arg(&exe)
+        .arg(lib_dir().join("libkfac.a"))
+        .args(["-lpthread", "-ldl", "-lm"]);
+    if !cxx {
+        cmd.arg("-pedantic");
+    }
+    run(&mut cmd);
+    exe
+}
+
 /// Runs `exe` as the two ranks of a fresh shared-memory group (processes
 /// started directly, with the variables `kfac-launch` would set); returns
 /// each rank's stdout after checking it succeeded.
@@ -187,16 +211,11 @@ fn c_client_as_two_ranks_matches_one_process() {
 
 #[test]
 fn cpp_raii_client_runs_alone_and_as_two_ranks() {
-    let dir = tempdir("cpp");
-    let exe = dir.join("linear_regression_cpp");
-    run(Command::new("c++")
-        .args(["-std=c++17", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
-        .arg(root().join("include"))
-        .arg(root().join("examples/cpp/linear_regression.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(lib_dir().join("libkfac.a"))
-        .args(["-lpthread", "-ldl", "-lm"]));
+    let exe = compile_static(
+        "examples/cpp/linear_regression.cpp",
+        "linear_regression_cpp",
+        true,
+    );
     let out = run(&mut Command::new(&exe));
     assert!(out.contains("rank 0/1") && out.contains(", ok"), "{out}");
     two_ranks(&exe, "cpp");
@@ -204,24 +223,7 @@ fn cpp_raii_client_runs_alone_and_as_two_ranks() {
 
 #[test]
 fn caller_provided_collectives_match_a_single_rank_and_report_failures() {
-    let dir = tempdir("cb");
-    let exe = dir.join("callbacks");
-    run(Command::new("cc")
-        .args([
-            "-std=c99",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pedantic",
-            "-pthread",
-            "-I",
-        ])
-        .arg(root().join("include"))
-        .arg(root().join("examples/c/callbacks.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(lib_dir().join("libkfac.a"))
-        .args(["-lpthread", "-ldl", "-lm"]));
+    let exe = compile_static("examples/c/callbacks.c", "callbacks", false);
     let out = run(&mut Command::new(&exe));
     assert!(
         out.contains("callbacks ok") && out.contains("status 7"),
@@ -285,24 +287,7 @@ fn installed_package_builds_the_c_client_with_pkg_config() {
 
 #[test]
 fn c_mlp_trains_alone_and_as_two_ranks_with_the_same_result() {
-    let dir = tempdir("mlp");
-    let exe = dir.join("mlp");
-    run(Command::new("cc")
-        .args([
-            "-std=c99",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pedantic",
-            "-O1",
-            "-I",
-        ])
-        .arg(root().join("include"))
-        .arg(root().join("examples/c/mlp.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(lib_dir().join("libkfac.a"))
-        .args(["-lpthread", "-ldl", "-lm"]));
+    let exe = compile_static("examples/c/mlp.c", "mlp", false);
     let checksum = |s: &str| -> f64 {
         s.split("checksum ")
             .nth(1)

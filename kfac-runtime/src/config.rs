@@ -90,7 +90,7 @@ impl Schedule {
         }
     }
 
-    fn validate(&self, field: &'static str, positive: bool) -> Result<()> {
+    pub(crate) fn validate(&self, field: &'static str, positive: bool) -> Result<()> {
         let ok = |v: f64| v.is_finite() && if positive { v > 0.0 } else { v >= 0.0 };
         let bad = |reason: String| Error::InvalidConfig { field, reason };
         match self {

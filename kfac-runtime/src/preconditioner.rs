@@ -285,14 +285,7 @@ impl Preconditioner {
     /// [`Error::InvalidConfig`] unless the schedule is `PerStep` and the
     /// value finite and `> 0`.
     pub fn set_damping(&mut self, damping: f64) -> Result<()> {
-        if !matches!(self.config.damping, Schedule::PerStep(_)) {
-            return Err(Error::InvalidConfig {
-                field: "damping",
-                reason: "set_damping needs Schedule::PerStep".into(),
-            });
-        }
-        Schedule::PerStep(damping).validate_pub("damping", true)?;
-        self.damping_now = damping;
+        self.damping_now = per_step_value(&self.config.damping, "damping", damping, true)?;
         Ok(())
     }
 
@@ -302,14 +295,7 @@ impl Preconditioner {
     /// [`Error::InvalidConfig`] unless the schedule is `PerStep` and the
     /// value finite and `>= 0`.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        if !matches!(self.config.lr, Schedule::PerStep(_)) {
-            return Err(Error::InvalidConfig {
-                field: "lr",
-                reason: "set_lr needs Schedule::PerStep".into(),
-            });
-        }
-        Schedule::PerStep(lr).validate_pub("lr", false)?;
-        self.lr_now = lr;
+        self.lr_now = per_step_value(&self.config.lr, "lr", lr, false)?;
         Ok(())
     }
 
@@ -948,18 +934,17 @@ impl Preconditioner {
     }
 }
 
-impl Schedule {
-    pub(crate) fn validate_pub(&self, field: &'static str, positive: bool) -> Result<()> {
-        let v = self.at(0);
-        let ok = v.is_finite() && if positive { v > 0.0 } else { v >= 0.0 };
-        if !ok {
-            return Err(Error::InvalidConfig {
-                field,
-                reason: format!("{v} is out of range"),
-            });
-        }
-        Ok(())
+/// A caller-supplied value for a `Schedule::PerStep` field, validated like
+/// the schedule itself.
+fn per_step_value(schedule: &Schedule, field: &'static str, v: f64, positive: bool) -> Result<f64> {
+    if !matches!(schedule, Schedule::PerStep(_)) {
+        return Err(Error::InvalidConfig {
+            field,
+            reason: format!("setting {field} per step needs Schedule::PerStep"),
+        });
     }
+    Schedule::PerStep(v).validate(field, positive)?;
+    Ok(v)
 }
 
 fn finite_mat(layer: &str, what: &str, m: MatRef<'_, f32>) -> Result<()> {

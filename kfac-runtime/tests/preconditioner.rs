@@ -931,3 +931,46 @@ fn compat_inverse_method_puts_full_damping_on_each_factor() {
     let kappa = spectral_bound(&af) / 0.05 * spectral_bound(&gf) / 0.05;
     check_close(&w, &want, kappa, "compat inverse");
 }
+
+#[test]
+fn per_step_damping_and_lr_are_taken_from_the_caller() {
+    let mut rng = Rng(17);
+    let mut p = Preconditioner::new(Config {
+        damping: Schedule::PerStep(0.1),
+        lr: Schedule::PerStep(0.5),
+        ..cfg(Method::Eigen)
+    })
+    .unwrap();
+    let id = p
+        .register(
+            "l",
+            LayerKind::Linear {
+                in_features: 3,
+                out_features: 2,
+                bias: false,
+            },
+        )
+        .unwrap();
+    assert!(matches!(
+        p.set_damping(-1.0),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        p.set_lr(f64::NAN),
+        Err(Error::InvalidConfig { .. })
+    ));
+    p.set_damping(0.25).unwrap();
+    p.set_lr(0.0).unwrap();
+    observe_linear(&mut p, id, &rng.mat(4, 3, 1.0), &rng.mat(4, 2, 1.0)).unwrap();
+    let mut w = vec![0.1f32; 6];
+    let s = p
+        .step(&mut [LayerGrad::from_row_major(id, &mut w, 2, 3, None).unwrap()])
+        .unwrap();
+    assert_eq!((s.damping, s.lr), (0.25, 0.0));
+    // a constant schedule cannot be overridden per step
+    let mut q = Preconditioner::new(cfg(Method::Eigen)).unwrap();
+    assert!(matches!(
+        q.set_damping(0.5),
+        Err(Error::InvalidConfig { .. })
+    ));
+}
