@@ -1,12 +1,12 @@
 //! The checked-in `include/kfac.h` is exactly what cbindgen generates from
-//! `ffi/src/lib.rs` with `ffi/cbindgen.toml`. Set `KFAC_BLESS=1` to rewrite it.
+//! `ffi/capi/src/lib.rs` with `ffi/cbindgen.toml`. Set `KFAC_BLESS=1` to rewrite it.
 
 #[test]
 fn checked_in_header_is_current() {
     let dir = env!("CARGO_MANIFEST_DIR");
     let config = cbindgen::Config::from_file(format!("{dir}/cbindgen.toml")).unwrap();
     let bindings = cbindgen::Builder::new()
-        .with_src(format!("{dir}/src/lib.rs"))
+        .with_src(format!("{dir}/capi/src/lib.rs"))
         .with_config(config)
         .generate()
         .expect("cbindgen failed");
