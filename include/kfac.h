@@ -63,14 +63,6 @@ typedef enum {
   KFAC_ERR_PANIC = 11,
 } KfacStatus;
 
-// Inversion method.
-typedef enum {
-  // Eigendecompositions.
-  KFAC_METHOD_EIGEN = 0,
-  // Damped Cholesky inverses.
-  KFAC_METHOD_INVERSE = 1,
-} KfacMethod;
-
 // Element type of a reduction in a [`KfacCollectives`] callback.
 typedef enum {
   // `float`.
@@ -78,6 +70,14 @@ typedef enum {
   // `double`.
   KFAC_DTYPE_F64 = 1,
 } KfacDtype;
+
+// Inversion method.
+typedef enum {
+  // Eigendecompositions.
+  KFAC_METHOD_EIGEN = 0,
+  // Damped Cholesky inverses.
+  KFAC_METHOD_INVERSE = 1,
+} KfacMethod;
 
 // Memory layout of conv2d tensors.
 typedef enum {
@@ -107,8 +107,10 @@ typedef struct {
   uint64_t factor_update_steps;
   // Inverses are recomputed every this many steps (>= 1). Default 10.
   uint64_t inv_update_steps;
-  // Eigen or inverse method. Default eigen.
-  KfacMethod method;
+  // Eigen or inverse method, a `KfacMethod` value (a plain integer here,
+  // so any value C stores is well-defined and an unknown one is refused).
+  // Default `KFAC_METHOD_EIGEN`.
+  uint32_t method;
   // 1: eigendecompositions in f64 (default), 0: in f32.
   uint32_t eigen_f64;
   // 1: precompute 1/(l_G l_A^T + damping) at the inverse step. Default 0.
@@ -291,7 +293,9 @@ KfacStatus kfac_register_linear(KfacPrecond *p,
                                 uint32_t bias,
                                 uint32_t *out_id);
 
-// Registers a conv2d layer (groups = 1).
+// Registers a conv2d layer (groups = 1). `layout` is a `KfacLayout`
+// value (`KFAC_LAYOUT_NCHW` or `KFAC_LAYOUT_NHWC`); any other value is
+// refused with `KFAC_ERR_INVALID_ARGUMENT`.
 //
 // # Safety
 // As `kfac_register_linear`.
@@ -308,7 +312,7 @@ KfacStatus kfac_register_conv2d(KfacPrecond *p,
                                 size_t dilation_h,
                                 size_t dilation_w,
                                 uint32_t bias,
-                                KfacLayout layout,
+                                uint32_t layout,
                                 uint32_t *out_id);
 
 // Registers an embedding (weight `num_embeddings x dim`).

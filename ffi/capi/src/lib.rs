@@ -111,8 +111,10 @@ pub struct KfacConfig {
     pub factor_update_steps: u64,
     /// Inverses are recomputed every this many steps (>= 1). Default 10.
     pub inv_update_steps: u64,
-    /// Eigen or inverse method. Default eigen.
-    pub method: KfacMethod,
+    /// Eigen or inverse method, a `KfacMethod` value (a plain integer here,
+    /// so any value C stores is well-defined and an unknown one is refused).
+    /// Default `KFAC_METHOD_EIGEN`.
+    pub method: u32,
     /// 1: eigendecompositions in f64 (default), 0: in f32.
     pub eigen_f64: u32,
     /// 1: precompute 1/(l_G l_A^T + damping) at the inverse step. Default 0.
@@ -380,7 +382,7 @@ pub unsafe extern "C" fn kfac_config_default(out: *mut KfacConfig) -> KfacStatus
             lr: d.lr.at(0),
             factor_update_steps: d.factor_update_steps,
             inv_update_steps: d.inv_update_steps,
-            method: KfacMethod::KFAC_METHOD_EIGEN,
+            method: KfacMethod::KFAC_METHOD_EIGEN as u32,
             eigen_f64: 1,
             precompute_denominators: 0,
             kfac_pytorch_compat: 0,
@@ -416,7 +418,7 @@ fn to_config(c: &KfacConfig) -> R<Config> {
         lr: Schedule::Constant(c.lr),
         factor_update_steps: c.factor_update_steps,
         inv_update_steps: c.inv_update_steps,
-        method: match c.method as u32 {
+        method: match c.method {
             0 => Method::Eigen,
             1 => Method::Inverse,
             m => {
@@ -978,7 +980,9 @@ pub unsafe extern "C" fn kfac_register_linear(
     unsafe { register(p, name, kind, out_id) }
 }
 
-/// Registers a conv2d layer (groups = 1).
+/// Registers a conv2d layer (groups = 1). `layout` is a `KfacLayout`
+/// value (`KFAC_LAYOUT_NCHW` or `KFAC_LAYOUT_NHWC`); any other value is
+/// refused with `KFAC_ERR_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// As `kfac_register_linear`.
@@ -997,10 +1001,10 @@ pub unsafe extern "C" fn kfac_register_conv2d(
     dilation_h: usize,
     dilation_w: usize,
     bias: u32,
-    layout: KfacLayout,
+    layout: u32,
     out_id: *mut u32,
 ) -> KfacStatus {
-    let layout = match layout as u32 {
+    let layout = match layout {
         0 => ImageLayout::Nchw,
         1 => ImageLayout::Nhwc,
         _ => {
@@ -1224,10 +1228,16 @@ pub unsafe extern "C" fn kfac_observe_embedding(
                     return fail(KFAC_ERR_NULL, "tokens is NULL");
                 }
                 let gv = view(g, n, dim, ldg, "output gradients")?;
-                let t: Vec<usize> = std::slice::from_raw_parts(tokens, n)
+                let t = std::slice::from_raw_parts(tokens, n)
                     .iter()
-                    .map(|&v| v as usize)
-                    .collect();
+                    .map(|&v| usize::try_from(v))
+                    .collect::<Result<Vec<usize>, _>>()
+                    .map_err(|_| {
+                        Fail(
+                            KFAC_ERR_INVALID_ARGUMENT,
+                            "a token id does not fit in size_t".into(),
+                        )
+                    })?;
                 pc.observe(
                     LayerId(layer as usize),
                     Observation::Embedding {
