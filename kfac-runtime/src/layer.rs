@@ -135,6 +135,20 @@ impl LayerKind {
             name: name.to_string(),
             reason: reason.to_string(),
         };
+        // `dims`/`weight_shape` multiply and add unchecked: check first.
+        let fits = match *self {
+            LayerKind::Linear { in_features, .. } => in_features.checked_add(1).is_some(),
+            LayerKind::Conv2d(c) => c
+                .in_channels
+                .checked_mul(c.kernel.0)
+                .and_then(|v| v.checked_mul(c.kernel.1))
+                .and_then(|v| v.checked_add(1))
+                .is_some(),
+            LayerKind::Embedding { .. } | LayerKind::Kronecker { .. } => true,
+        };
+        if !fits {
+            return Err(bad("dimensions overflow"));
+        }
         let (d_out, d) = self.dims();
         let (wr, wc) = self.weight_shape();
         if d_out == 0 || d == 0 || wr == 0 || wc == 0 {
@@ -148,11 +162,30 @@ impl LayerKind {
                 return Err(bad("dilation must be >= 1"));
             }
         }
-        if d_out.checked_mul(d).is_none()
-            || d.checked_mul(d).is_none()
-            || d_out.checked_mul(d_out).is_none()
-        {
+        // Bytes of the two factors, their decompositions and the gradient
+        // work space, in f32 (an f64 eigen workspace is transient).
+        let a_elems = if self.diagonal_a() {
+            Some(d)
+        } else {
+            d.checked_mul(d)
+        };
+        let bytes = d_out
+            .checked_mul(d)
+            .and_then(|w| Some((a_elems?, d_out.checked_mul(d_out)?, w)))
+            .and_then(|(a, g, w)| a.checked_add(g)?.checked_mul(2)?.checked_add(w))
+            .and_then(|elems| elems.checked_mul(4))
+            .filter(|&b| b <= isize::MAX as usize);
+        let Some(bytes) = bytes else {
             return Err(bad("dimensions overflow"));
+        };
+        // The state is allocated at the first observation, where running
+        // out of memory would abort the process; probe now (address space
+        // only, nothing is touched) so an impossible size is an error.
+        let mut probe: Vec<u8> = Vec::new();
+        if probe.try_reserve_exact(bytes).is_err() {
+            return Err(bad(&format!(
+                "its state needs {bytes} bytes, which cannot be allocated"
+            )));
         }
         Ok(())
     }

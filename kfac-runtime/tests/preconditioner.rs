@@ -974,3 +974,55 @@ fn per_step_damping_and_lr_are_taken_from_the_caller() {
         Err(Error::InvalidConfig { .. })
     ));
 }
+
+/// Sizes whose arithmetic overflows, or whose state could never be
+/// allocated, are refused at registration (never a panic, a wrapped size or
+/// an allocation abort at the first observation); a huge embedding, whose
+/// A factor is diagonal, is not.
+#[test]
+fn impossible_layer_sizes_are_refused_at_registration() {
+    let mut p = Preconditioner::new(Config::default()).unwrap();
+    let conv = |cin: usize, k: usize| {
+        LayerKind::Conv2d(Conv2dSpec {
+            in_channels: cin,
+            out_channels: 4,
+            kernel: (k, k),
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+            bias: true,
+            layout: ImageLayout::Nchw,
+        })
+    };
+    let refused = [
+        LayerKind::Linear {
+            in_features: usize::MAX,
+            out_features: 2,
+            bias: true,
+        },
+        conv(usize::MAX / 2, 3),
+        conv(1 << 31, 1 << 17),
+        // 2^44 f32 per factor: about 320 TiB of state in all, beyond the
+        // 128 TiB user address space of x86-64 and AArch64 (so refused even
+        // with overcommit_memory=1).
+        LayerKind::Linear {
+            in_features: 1 << 22,
+            out_features: 1 << 22,
+            bias: false,
+        },
+    ];
+    for (i, kind) in refused.into_iter().enumerate() {
+        let err = p.register(&format!("bad{i}"), kind.clone()).unwrap_err();
+        assert!(matches!(err, Error::InvalidLayer { .. }), "{kind:?}: {err}");
+    }
+    let id = p
+        .register(
+            "embedding",
+            LayerKind::Embedding {
+                num_embeddings: 1 << 24,
+                dim: 8,
+            },
+        )
+        .unwrap();
+    assert_eq!(id, LayerId(0));
+}
