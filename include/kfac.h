@@ -220,8 +220,9 @@ KfacStatus kfac_config_default(KfacConfig *out);
 // A single-process communicator (world size 1).
 //
 // # Safety
-// `out` must be NULL or writable. The caller owns `*out` until it passes it
-// to `kfac_precond_create` (which takes ownership) or `kfac_comm_free`.
+// `out` must be NULL or writable. The caller owns `*out` and frees it with
+// `kfac_comm_free`, also after `kfac_precond_create` has taken over its
+// connection.
 KfacStatus kfac_comm_local(KfacComm **out);
 
 // Joins the shared-memory group of this process's environment

@@ -470,8 +470,9 @@ fn new_comm(c: Box<dyn Communicator>, out: *mut *mut KfacComm) {
 /// A single-process communicator (world size 1).
 ///
 /// # Safety
-/// `out` must be NULL or writable. The caller owns `*out` until it passes it
-/// to `kfac_precond_create` (which takes ownership) or `kfac_comm_free`.
+/// `out` must be NULL or writable. The caller owns `*out` and frees it with
+/// `kfac_comm_free`, also after `kfac_precond_create` has taken over its
+/// connection.
 #[no_mangle]
 pub unsafe extern "C" fn kfac_comm_local(out: *mut *mut KfacComm) -> KfacStatus {
     guard(|| {
