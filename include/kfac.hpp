@@ -118,6 +118,42 @@ class Preconditioner {
     check(kfac_register_linear(h_, name.c_str(), in, out, bias ? 1u : 0u, &id));
     return id;
   }
+  /// A conv2d layer (groups = 1); `layout` is KFAC_LAYOUT_NCHW or
+  /// KFAC_LAYOUT_NHWC.
+  std::uint32_t add_conv2d(const std::string& name, std::size_t in_channels,
+                           std::size_t out_channels, std::size_t kernel_h, std::size_t kernel_w,
+                           std::size_t stride, std::size_t padding, bool bias,
+                           KfacLayout layout = KFAC_LAYOUT_NCHW, std::size_t dilation = 1) {
+    std::uint32_t id = 0;
+    check(kfac_register_conv2d(h_, name.c_str(), in_channels, out_channels, kernel_h, kernel_w,
+                               stride, stride, padding, padding, dilation, dilation,
+                               bias ? 1u : 0u, static_cast<std::uint32_t>(layout), &id));
+    return id;
+  }
+  /// An embedding (weight `num x dim`).
+  std::uint32_t add_embedding(const std::string& name, std::size_t num, std::size_t dim) {
+    std::uint32_t id = 0;
+    check(kfac_register_embedding(h_, name.c_str(), num, dim, &id));
+    return id;
+  }
+  /// Conv2d input `(n, C_in, h, w)` and output gradients, dense in the
+  /// layer's layout; sizes are checked by the library.
+  void observe_conv2d(std::uint32_t id, const float* input, const float* output_grads,
+                      std::size_t n, std::size_t h, std::size_t w) {
+    check(kfac_observe_conv2d(h_, id, input, output_grads, n, h, w));
+  }
+  /// Token ids and output gradients `tokens.size() x dim`.
+  void observe_embedding(std::uint32_t id, const std::vector<std::uint64_t>& tokens,
+                         MatrixView<const float> g) {
+    if (tokens.size() != g.rows) throw Error(KFAC_ERR_SHAPE, "tokens and gradients differ in rows");
+    check(kfac_observe_embedding(h_, id, tokens.data(), tokens.size(), g.data, g.ld));
+  }
+  /// Statistics and stage timings of the last step.
+  KfacStepStats last_stats() const {
+    KfacStepStats s{};
+    check(kfac_last_stats(h_, &s));
+    return s;
+  }
   void observe_linear(std::uint32_t id, MatrixView<const float> a, MatrixView<const float> g) {
     if (a.rows != g.rows) throw Error(KFAC_ERR_SHAPE, "activations and gradients differ in rows");
     check(kfac_observe_linear(h_, id, a.data, a.rows, a.ld, g.data, g.ld));
