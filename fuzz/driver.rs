@@ -230,9 +230,11 @@ impl Layer {
     }
 }
 
-/// State shared with the callback collectives.
+/// State of one callback communicator (each has its own, kept alive until
+/// the end of the run).
 struct CallbackState {
     calls_left: u32,
+    world: usize,
 }
 
 unsafe extern "C" fn cb_allreduce(
@@ -261,7 +263,8 @@ unsafe extern "C" fn cb_allgather(
 ) -> i32 {
     // Every "rank" contributes what this one sends; `recv` holds
     // `world_size * bytes` bytes by the documented contract.
-    let ws = WORLD.with(|w| w.get());
+    // SAFETY: `user` is this communicator's live `CallbackState`.
+    let ws = unsafe { (*(user as *const CallbackState)).world };
     for r in 0..ws {
         // SAFETY: `send` has `bytes` readable bytes and `recv` has
         // `ws * bytes` writable ones, as the header documents.
@@ -286,10 +289,6 @@ unsafe fn tick(user: *mut c_void) -> i32 {
     }
     st.calls_left -= 1;
     0
-}
-
-std::thread_local! {
-    static WORLD: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
 }
 
 /// A leading dimension: `cols` plus 0..=3 of padding, or (rarely) one
@@ -339,7 +338,7 @@ pub struct Summary {
 pub fn run(data: &[u8]) -> Summary {
     let mut u = Unstructured::new(data);
     let mut sum = Summary::default();
-    let cb_state = Box::into_raw(Box::new(CallbackState { calls_left: 0 }));
+    let mut cb_states: Vec<*mut CallbackState> = Vec::new();
     let mut p: *mut KfacPrecond = ptr::null_mut();
     let mut layers: Vec<Layer> = Vec::new();
     let mut freed: Vec<*mut KfacPrecond> = Vec::new();
@@ -368,7 +367,7 @@ pub fn run(data: &[u8]) -> Summary {
                 Call::SaveLoad { .. } => 3,
                 _ => 0,
             };
-            let st = one(call, &mut p, &mut layers, &mut freed, cb_state);
+            let st = one(call, &mut p, &mut layers, &mut freed, &mut cb_states);
             sum.calls += 1;
             assert_ne!(st, KfacStatus::KFAC_ERR_PANIC, "a panic inside the library");
             if st == KfacStatus::KFAC_OK {
@@ -386,7 +385,9 @@ pub fn run(data: &[u8]) -> Summary {
             }
         }
         let _ = kfac_precond_free(p);
-        drop(Box::from_raw(cb_state));
+        for c in cb_states {
+            drop(Box::from_raw(c));
+        }
     }
     sum
 }
@@ -396,7 +397,7 @@ unsafe fn one(
     p: &mut *mut KfacPrecond,
     layers: &mut Vec<Layer>,
     freed: &mut Vec<*mut KfacPrecond>,
-    cb_state: *mut CallbackState,
+    cb_states: &mut Vec<*mut CallbackState>,
 ) -> KfacStatus {
     use KfacStatus::*;
     // Layer ids: mostly registered ones, sometimes one past the end.
@@ -437,8 +438,11 @@ unsafe fn one(
                         fail_after,
                     } => {
                         let ws = (world_size % 4) as u32;
-                        WORLD.with(|w| w.set(ws.max(1) as usize));
-                        (*cb_state).calls_left = fail_after as u32;
+                        let cb_state = Box::into_raw(Box::new(CallbackState {
+                            calls_left: fail_after as u32,
+                            world: ws as usize,
+                        }));
+                        cb_states.push(cb_state);
                         let coll = KfacCollectives {
                             user_data: cb_state as *mut c_void,
                             rank: 0,
