@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! cargo run --release --example train [-- --task classify|autoencoder --epochs N --seed S --workers P]
+//! cargo build --release --features mpi --example train
+//! mpirun -np P target/release/examples/train --comm mpi|hier [--task ... --epochs N --seed S]
 //! ```
 //!
 //! With `--workers P` (P > 1) the K-FAC run is repeated split across P
@@ -14,6 +16,14 @@
 //! reduces factor statistics and shares decompositions. Rank 0 reports the
 //! result next to the single-process K-FAC run, with time per stage
 //! including communication.
+//!
+//! With `--comm mpi` (build with `--features mpi`; start the program with
+//! `mpirun` or `srun`) every MPI rank runs one shard of the K-FAC run over
+//! an MPI communicator (`MpiComm`, a duplicate of `MPI_COMM_WORLD`);
+//! `--comm hier` uses the hierarchical one (shared memory inside each
+//! machine, MPI between machines; `KFAC_NODE_SIZE=k` presents one machine
+//! as several of k ranks). Rank 0 prints the result. The single-process
+//! comparison runs are skipped there: they are the plain command's job.
 //!
 //! All three optimizers get the same architecture, the same initial weights,
 //! the same minibatches (batch 64) and the same epoch budget; only their own
@@ -70,10 +80,21 @@ struct Args {
     epochs: Option<usize>,
     seed: u64,
     workers: usize,
+    comm: CommKind,
 }
 
-const USAGE: &str =
-    "usage: train [--task classify|autoencoder] [--epochs N] [--seed S] [--workers P]";
+/// What carries the collectives of a distributed run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CommKind {
+    /// `--workers P` processes started here, over shared memory.
+    Shm,
+    /// This process is one MPI rank (`mpirun ... --comm mpi`).
+    Mpi,
+    /// One MPI rank, shared memory inside each machine (`--comm hier`).
+    Hier,
+}
+
+const USAGE: &str = "usage: train [--task classify|autoencoder] [--epochs N] [--seed S] [--workers P] [--comm shm|mpi|hier]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -81,6 +102,7 @@ fn parse_args() -> Result<Args, String> {
         epochs: None,
         seed: 0,
         workers: 1,
+        comm: CommKind::Shm,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -105,6 +127,21 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--workers: {e}"))?;
                 if !(1..=64).contains(&args.workers) {
                     return Err(format!("--workers must be in 1..=64\n{USAGE}"));
+                }
+            }
+            "--comm" => {
+                args.comm = match value("--comm")?.as_str() {
+                    "shm" => CommKind::Shm,
+                    "mpi" => CommKind::Mpi,
+                    "hier" => CommKind::Hier,
+                    other => {
+                        return Err(format!(
+                            "--comm must be shm, mpi or hier, not '{other}'\n{USAGE}"
+                        ))
+                    }
+                };
+                if args.comm != CommKind::Shm && !cfg!(feature = "mpi") {
+                    return Err("--comm mpi|hier needs MPI support: build with `cargo build --release --features mpi --example train` (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev) and start it with mpirun".into());
                 }
             }
             "-h" | "--help" => {
@@ -190,6 +227,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let wall = Instant::now();
     if std::env::var_os(WORKER_ENV).is_some() {
         return worker(&args, epochs, target);
+    }
+    if args.comm != CommKind::Shm {
+        return mpi_rank(&args, epochs, target);
     }
 
     let bar = ProgressBar::new((opts.len() * epochs) as u64);
@@ -319,6 +359,57 @@ fn worker(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Erro
         println!("{}", stage_row(world, &run, target));
     }
     Ok(())
+}
+
+/// One MPI rank of a `--comm mpi|hier` run: K-FAC only, its shard of
+/// every batch; rank 0 prints the result.
+#[cfg(feature = "mpi")]
+fn mpi_rank(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Error>> {
+    use kfac::runtime::comm::hier::{HierComm, HierOptions};
+    use kfac::runtime::comm::mpi::{abort_world, init, MpiComm, MpiOptions};
+    use kfac::runtime::comm::Communicator;
+    // Initialized here, finalized when `_universe` drops at the end.
+    let _universe = init()?;
+    let comm: Box<dyn Communicator> = match args.comm {
+        CommKind::Hier => Box::new(HierComm::world(HierOptions::default())?),
+        _ => Box::new(MpiComm::world(MpiOptions::default())?),
+    };
+    let (rank, world) = (comm.rank(), comm.size());
+    let opt = optimizers(args.task)
+        .into_iter()
+        .find(|o| matches!(o, Optimizer::Kfac(_)))
+        .ok_or("no K-FAC configuration")?;
+    let mut cfg = TrainConfig::new(args.task, opt);
+    cfg.epochs = epochs;
+    cfg.seed = args.seed;
+    match kfac::demo::train_distributed(&cfg, comm, |_| {}) {
+        Ok(run) => {
+            if rank == 0 {
+                let name = if args.comm == CommKind::Hier {
+                    "hier"
+                } else {
+                    "mpi"
+                };
+                println!(
+                    "K-FAC across {world} MPI ranks ({name}; time per stage, summed over the run):"
+                );
+                println!("{STAGE_HEADER}");
+                println!("{}", stage_row(world, &run, target));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Returning would finalize MPI while the other ranks may still
+            // wait in a collective: end the whole job instead.
+            eprintln!("rank {rank}: {e}");
+            abort_world(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_rank(_: &Args, _: usize, _: Target) -> Result<(), Box<dyn Error>> {
+    Err("--comm mpi|hier needs MPI support: build with `--features mpi`".into())
 }
 
 fn print_table(runs: &[RunResult], target: Target) {

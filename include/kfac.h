@@ -234,6 +234,39 @@ KfacStatus kfac_comm_local(KfacComm **out);
 // As `kfac_comm_local`.
 KfacStatus kfac_comm_shm_from_env(uint64_t timeout_ms, KfacComm **out);
 
+// 1 when this libkfac was built with MPI support (cargo feature `mpi`), so
+// that `kfac_comm_mpi` works; 0 otherwise.
+uint32_t kfac_has_mpi(void);
+
+// A communicator over the caller's MPI communicator, passed as its Fortran
+// handle `MPI_Comm_c2f(comm)` (an `MPI_Fint`, `int` in Open MPI and
+// MPICH), so that this header needs no `mpi.h` and works with any MPI.
+// The communicator is duplicated (`MPI_Comm_dup`): kfac's traffic never
+// mixes with the caller's, and `comm` stays the caller's to free. kfac
+// neither initializes nor finalizes MPI: the caller initializes it before
+// this call (at least `MPI_THREAD_SERIALIZED` if kfac calls may come from
+// different threads) and finalizes it after `kfac_comm_free` and
+// `kfac_precond_free` of every preconditioner using the handle.
+//
+// `hierarchical` 0: collectives over MPI alone (reductions in a fixed rank
+// order, bitwise reproducible for a fixed world size). 1: shared memory
+// inside each machine (ranks of one `MPI_COMM_TYPE_SHARED` domain, or
+// `KFAC_NODE_SIZE` consecutive ranks when that variable is set) and MPI
+// between one leader per machine. Every collective is bounded by
+// `timeout_ms`. Collective over `comm`: every rank makes the same call.
+//
+// `KFAC_ERR_INVALID_ARGUMENT` when the library was built without MPI
+// (`kfac_has_mpi() == 0`), `KFAC_ERR_COMM` when MPI is not initialized,
+// already finalized, or `comm` is `MPI_COMM_NULL` or an intercommunicator.
+//
+// # Safety
+// `out` as `kfac_comm_local`; `fortran_comm` a handle from `MPI_Comm_c2f`
+// of the MPI library libkfac is linked against.
+KfacStatus kfac_comm_mpi(int32_t fortran_comm,
+                         uint32_t hierarchical,
+                         uint64_t timeout_ms,
+                         KfacComm **out);
+
 // Joins (rank 0: creates) the shared-memory group `group` as `rank` of
 // `world_size`. Blocks until every rank has joined, at most `timeout_ms`.
 //

@@ -7,6 +7,11 @@
  *
  * Prints the final training accuracy and a checksum of the weights; exits 0
  * when the accuracy is above 90%.
+ *
+ * Built with `mpicc -DKFAC_EXAMPLE_MPI` (against a libkfac built with the
+ * `mpi` feature) it runs under `mpirun -np P` instead: it initializes MPI
+ * itself and hands MPI_COMM_WORLD to kfac_comm_mpi (hierarchical when
+ * KFAC_COMM=hier).
  */
 #include <math.h>
 #include <stdio.h>
@@ -14,6 +19,9 @@
 #include <string.h>
 
 #include "kfac.h"
+#ifdef KFAC_EXAMPLE_MPI
+#include <mpi.h>
+#endif
 
 #define D0 8
 #define D1 16
@@ -37,10 +45,20 @@ static float hrand(unsigned a, unsigned b) {
 
 static int die(const char *what) {
   fprintf(stderr, "%s failed: %s\n", what, kfac_last_error());
+#ifdef KFAC_EXAMPLE_MPI
+  MPI_Abort(MPI_COMM_WORLD, 1); /* never leave the other ranks waiting */
+#endif
   return 1;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+#ifdef KFAC_EXAMPLE_MPI
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
+#else
+  (void)argc;
+  (void)argv;
+#endif
   /* data: labels of a random linear teacher */
   for (int n = 0; n < N; n++) {
     float best = -1e9f;
@@ -57,7 +75,13 @@ int main(void) {
 
   KfacComm *comm = NULL;
   unsigned rank = 0, world = 1;
+#ifdef KFAC_EXAMPLE_MPI
+  const char *mode = getenv("KFAC_COMM");
+  uint32_t hier = mode && strcmp(mode, "hier") == 0;
+  if (kfac_comm_mpi(MPI_Comm_c2f(MPI_COMM_WORLD), hier, 60000, &comm)) return die("comm");
+#else
   if (getenv("KFAC_RANK") ? kfac_comm_shm_from_env(20000, &comm) : kfac_comm_local(&comm)) return die("comm");
+#endif
   if (kfac_comm_rank(comm, &rank, &world)) return die("rank");
   KfacConfig cfg;
   kfac_config_default(&cfg);
@@ -152,6 +176,9 @@ int main(void) {
   for (int i = 0; i < D2 * D1; i++) checksum += w2[i];
   kfac_precond_free(p);
   kfac_comm_free(comm);
+#ifdef KFAC_EXAMPLE_MPI
+  MPI_Finalize();
+#endif
   double accuracy = (double)correct / N;
   printf("rank %u/%u: accuracy %.3f checksum %.6f %s\n", rank, world, accuracy, checksum,
          accuracy > 0.9 ? "ok" : "FAILED");

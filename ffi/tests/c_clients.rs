@@ -450,3 +450,102 @@ fn installed_package_works_with_cmake_find_package() {
         assert!(out.contains(", ok"), "{exe}: {out}");
     }
 }
+
+/// libkfac built with the `mpi` feature (in its own target directory, so it
+/// never replaces the plain libkfac the other tests link).
+fn mpi_lib_dir() -> PathBuf {
+    let dir = lib_dir();
+    let target = dir.parent().unwrap().join("mpi-ffi");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "-p",
+        "kfac-ffi",
+        "--lib",
+        "--features",
+        "mpi",
+        "--manifest-path",
+    ])
+    .arg(root().join("Cargo.toml"))
+    .env("CARGO_TARGET_DIR", &target);
+    let profile = if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+        "release"
+    } else {
+        "debug"
+    };
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "building libkfac with MPI failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join(profile)
+}
+
+/// The C MLP built with `mpicc -DKFAC_EXAMPLE_MPI` hands `MPI_COMM_WORLD` to
+/// `kfac_comm_mpi`: under `mpirun -np 2` (flat MPI) and `-np 4` presented
+/// as 2 machines x 2 (hierarchical, `KFAC_NODE_SIZE=2`) every rank trains
+/// and ends with the weights of the single-process C run, within rounding.
+/// Needs Open MPI (installed by `.ci/run`); required when
+/// `KFAC_REQUIRE_MPI=1`.
+#[test]
+fn c_mlp_runs_under_mpirun_through_kfac_comm_mpi() {
+    let have = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(
+            std::env::var_os("KFAC_REQUIRE_MPI").is_none(),
+            "mpirun is required (KFAC_REQUIRE_MPI is set; .ci/run installs Open MPI)"
+        );
+        eprintln!("SKIPPED: mpirun is not installed (.ci/run installs Open MPI)");
+        return;
+    }
+    let reference = checksum(&run(&mut Command::new(compile_static(
+        "examples/c/mlp.c",
+        "mlp_ref",
+        false,
+    ))));
+    let lib = mpi_lib_dir();
+    let exe = tempdir("mlp-mpi").join("mlp_mpi");
+    run(Command::new("mpicc")
+        .args([
+            "-std=c99",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-O1",
+            "-DKFAC_EXAMPLE_MPI",
+            "-I",
+        ])
+        .arg(root().join("include"))
+        .arg(root().join("examples/c/mlp.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(lib.join("libkfac.a"))
+        .args(["-lpthread", "-ldl", "-lm"]));
+    for (np, mode) in [(2, "mpi"), (4, "hier")] {
+        let out = run(Command::new("timeout")
+            .args(["120", "mpirun", "--allow-run-as-root", "--oversubscribe"])
+            .args(["-x", "KFAC_COMM", "-x", "KFAC_NODE_SIZE", "-np"])
+            .arg(np.to_string())
+            .arg(&exe)
+            .env("KFAC_COMM", mode)
+            .env("KFAC_NODE_SIZE", "2"));
+        for r in 0..np {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(&format!("rank {r}/{np}:")))
+                .unwrap_or_else(|| panic!("no line of rank {r}:\n{out}"));
+            assert!(line.ends_with(" ok"), "{mode}: {line}");
+            // As the shared-memory runs: shard sums, f32 rounding over 40
+            // steps; 1e-3 absolute on a sum of 48 weights.
+            assert!(
+                (checksum(line) - reference).abs() < 1e-3,
+                "{mode} -np {np}: {line} vs {reference}"
+            );
+        }
+    }
+}

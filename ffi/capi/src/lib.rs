@@ -509,6 +509,104 @@ pub unsafe extern "C" fn kfac_comm_shm_from_env(
     })
 }
 
+/// 1 when this libkfac was built with MPI support (cargo feature `mpi`), so
+/// that `kfac_comm_mpi` works; 0 otherwise.
+#[no_mangle]
+pub extern "C" fn kfac_has_mpi() -> u32 {
+    cfg!(feature = "mpi") as u32
+}
+
+/// A communicator over the caller's MPI communicator, passed as its Fortran
+/// handle `MPI_Comm_c2f(comm)` (an `MPI_Fint`, `int` in Open MPI and
+/// MPICH), so that this header needs no `mpi.h` and works with any MPI.
+/// The communicator is duplicated (`MPI_Comm_dup`): kfac's traffic never
+/// mixes with the caller's, and `comm` stays the caller's to free. kfac
+/// neither initializes nor finalizes MPI: the caller initializes it before
+/// this call (at least `MPI_THREAD_SERIALIZED` if kfac calls may come from
+/// different threads) and finalizes it after `kfac_comm_free` and
+/// `kfac_precond_free` of every preconditioner using the handle.
+///
+/// `hierarchical` 0: collectives over MPI alone (reductions in a fixed rank
+/// order, bitwise reproducible for a fixed world size). 1: shared memory
+/// inside each machine (ranks of one `MPI_COMM_TYPE_SHARED` domain, or
+/// `KFAC_NODE_SIZE` consecutive ranks when that variable is set) and MPI
+/// between one leader per machine. Every collective is bounded by
+/// `timeout_ms`. Collective over `comm`: every rank makes the same call.
+///
+/// `KFAC_ERR_INVALID_ARGUMENT` when the library was built without MPI
+/// (`kfac_has_mpi() == 0`), `KFAC_ERR_COMM` when MPI is not initialized,
+/// already finalized, or `comm` is `MPI_COMM_NULL` or an intercommunicator.
+///
+/// # Safety
+/// `out` as `kfac_comm_local`; `fortran_comm` a handle from `MPI_Comm_c2f`
+/// of the MPI library libkfac is linked against.
+#[no_mangle]
+pub unsafe extern "C" fn kfac_comm_mpi(
+    fortran_comm: i32,
+    hierarchical: u32,
+    timeout_ms: u64,
+    out: *mut *mut KfacComm,
+) -> KfacStatus {
+    guard(|| {
+        out_ptr(out, "out")?;
+        if timeout_ms == 0 {
+            return fail(KFAC_ERR_INVALID_ARGUMENT, "timeout_ms must be > 0");
+        }
+        if hierarchical > 1 {
+            return fail(
+                KFAC_ERR_INVALID_ARGUMENT,
+                format!("hierarchical must be 0 or 1, got {hierarchical}"),
+            );
+        }
+        #[cfg(feature = "mpi")]
+        {
+            use kfac_runtime::comm::hier::{HierComm, HierOptions};
+            use kfac_runtime::comm::mpi::{MpiComm, MpiOptions};
+            let timeout = Duration::from_millis(timeout_ms);
+            let mpi_opts = MpiOptions {
+                timeout,
+                ..MpiOptions::default()
+            };
+            let err = |e: kfac_runtime::comm::CommError| Fail(KFAC_ERR_COMM, e.to_string());
+            if !mpi::is_initialized() || mpi::is_finalized() {
+                return fail(
+                    KFAC_ERR_COMM,
+                    "MPI is not initialized (or already finalized); call MPI_Init first",
+                );
+            }
+            // SAFETY: MPI is initialized; MPI_Comm_f2c accepts any Fortran
+            // handle value of this MPI (the caller's contract).
+            let raw = unsafe { mpi::ffi::MPI_Comm_f2c(fortran_comm) };
+            let c: Box<dyn Communicator> = if hierarchical == 1 {
+                let opts = HierOptions {
+                    mpi: mpi_opts,
+                    shm: ShmOptions {
+                        timeout,
+                        ..ShmOptions::default()
+                    },
+                    ..HierOptions::default()
+                };
+                // SAFETY: `raw` is a communicator handle of the linked MPI
+                // (checked for MPI_COMM_NULL/intercommunicators inside).
+                Box::new(unsafe { HierComm::from_raw(raw, opts) }.map_err(err)?)
+            } else {
+                // SAFETY: as above.
+                Box::new(unsafe { MpiComm::from_raw(raw, mpi_opts) }.map_err(err)?)
+            };
+            new_comm(c, out);
+            Ok(())
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            let _ = fortran_comm;
+            fail(
+                KFAC_ERR_INVALID_ARGUMENT,
+                "this libkfac was built without MPI (build kfac-ffi with --features mpi)",
+            )
+        }
+    })
+}
+
 /// Joins (rank 0: creates) the shared-memory group `group` as `rank` of
 /// `world_size`. Blocks until every rank has joined, at most `timeout_ms`.
 ///

@@ -147,6 +147,11 @@ int main(void) {
     for (int d = 0; d < DIM; d++) worst = fmax(worst, fabs(we[t][d] - wl[d][t]));
   CHECK(scale > 0 && worst <= 1e-3 * scale, "embedding vs one-hot linear: max diff %g, scale %g", worst,
         scale);
+  /* this libkfac is built without MPI: the call exists and says so */
+  KfacComm *mc = NULL;
+  CHECK(kfac_has_mpi() == 0, "built without MPI");
+  CHECK(kfac_comm_mpi(0, 0, 1000, &mc) == KFAC_ERR_INVALID_ARGUMENT && mc == NULL,
+        "kfac_comm_mpi refused without MPI");
   printf("layers: conv NCHW/NHWC max diff %.3g, embedding/one-hot max diff %.3g, %s\n", conv_diff,
          worst, fails ? "FAILED" : "ok");
   kfac_precond_free(p);

@@ -5,9 +5,11 @@
 //! sizes, and barrier. Every collective is bounded by a timeout and returns a
 //! [`CommError`] rather than blocking forever.
 //!
-//! Implementations: [`Local`] (one process, world size 1) and
+//! Implementations: [`Local`] (one process, world size 1),
 //! [`ShmGroup`](shm::ShmGroup) (processes on one machine over POSIX shared
-//! memory).
+//! memory) and, with the `mpi` feature, `mpi::MpiComm` (any MPI
+//! communicator) and `hier::HierComm` (shared memory inside each machine,
+//! MPI between machines).
 //!
 //! ```
 //! use kfac_runtime::comm::{Communicator, Local};
@@ -18,6 +20,10 @@
 //! ```
 
 pub mod env;
+#[cfg(feature = "mpi")]
+pub mod hier;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod shm;
 
 use core::fmt;
@@ -60,6 +66,16 @@ pub enum CommError {
         /// What is wrong, in words (includes the segment name).
         reason: String,
     },
+    /// An MPI call failed (the `mpi` feature), or MPI is not usable (not
+    /// initialized, already finalized: `call` is `"setup"`, `code` 0).
+    Mpi {
+        /// The MPI function.
+        call: &'static str,
+        /// Its error code.
+        code: i32,
+        /// `MPI_Error_string` of the code.
+        reason: String,
+    },
     /// An operating-system call failed.
     Os {
         /// The call.
@@ -88,6 +104,9 @@ impl fmt::Display for CommError {
             },
             CommError::InvalidArgument { reason } => write!(f, "invalid collective: {reason}"),
             CommError::Setup { reason } => write!(f, "shared-memory group setup: {reason}"),
+            CommError::Mpi { call, code, reason } => {
+                write!(f, "{call} failed (MPI error {code}): {reason}")
+            }
             CommError::Os { call, reason } => write!(f, "{call}: {reason}"),
         }
     }

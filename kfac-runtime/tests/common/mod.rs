@@ -2,6 +2,8 @@
 //! hand-written Gaussian elimination; nothing here calls kfac code.
 #![allow(dead_code)]
 
+pub mod dist;
+
 /// Row-major dense f64 matrix.
 #[derive(Clone, Debug)]
 pub struct M {
