@@ -4,6 +4,7 @@
 #
 #   scripts/install.sh --prefix /usr/local            # builds in release
 #   scripts/install.sh --prefix DIR --lib-dir target/debug --no-build
+#   scripts/install.sh --prefix DIR --mpi   # with kfac_comm_mpi (needs MPI)
 #
 # Then:  cc app.c $(pkg-config --cflags --libs kfac)
 #   or:  find_package(kfac REQUIRED) + target_link_libraries(app kfac::kfac)
@@ -12,12 +13,14 @@ set -euo pipefail
 prefix=""
 lib_dir=""
 build=1
+features=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) prefix="$2"; shift 2 ;;
     --lib-dir) lib_dir="$2"; shift 2 ;;
     --no-build) build=0; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --mpi) features="--features kfac-ffi/mpi"; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -28,7 +31,8 @@ if [ -z "$lib_dir" ]; then
   lib_dir="${CARGO_TARGET_DIR:-$root/target}/release"
 fi
 if [ "$build" = 1 ]; then
-  cargo build --release --manifest-path "$root/Cargo.toml" -p kfac-ffi -p kfac-runtime --bin kfac-launch --lib
+  # shellcheck disable=SC2086 # $features is empty or two words
+  cargo build --release --manifest-path "$root/Cargo.toml" -p kfac-ffi -p kfac-runtime --bin kfac-launch --lib $features
 fi
 for f in libkfac.so libkfac.a; do
   [ -f "$lib_dir/$f" ] || { echo "install.sh: $lib_dir/$f not found" >&2; exit 1; }
