@@ -4,6 +4,7 @@
 //! statement about optimization (epochs), not about wall time.
 
 use kfac::demo::{train, KfacSettings, Optimizer, RunResult, Target, Task, TrainConfig};
+use std::process::Command;
 
 /// A small classifier on a subset of the training data, so that the test
 /// runs in a few seconds in the debug profile.
@@ -95,4 +96,80 @@ fn kfac_split_across_two_ranks_reaches_the_target_like_one_process() {
         "1 rank: {one:?} epochs, 2 ranks: {two}"
     );
     assert!(runs[0].last().kfac_times.unwrap().communication > 0.0);
+}
+
+/// The demo example under `mpirun -np 2 ... --comm mpi` (built here with
+/// `--features mpi`): both ranks train over MPI and rank 0 reports the run
+/// reaching the target in at most 2 epochs, like the shared-memory run
+/// above. Needs Open MPI; skipped with a notice when `mpirun` is missing,
+/// unless `KFAC_REQUIRE_MPI=1` (set by `.ci/run`).
+#[test]
+fn demo_example_trains_under_mpirun_with_comm_mpi() {
+    let have = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(
+            std::env::var_os("KFAC_REQUIRE_MPI").is_none(),
+            "mpirun is required (KFAC_REQUIRE_MPI is set; .ci/run installs Open MPI)"
+        );
+        eprintln!("SKIPPED: mpirun is not installed (.ci/run installs Open MPI)");
+        return;
+    }
+    // target/<profile>/deps/<this test> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args([
+            "build",
+            "--features",
+            "mpi",
+            "--example",
+            "train",
+            "--manifest-path",
+        ])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap());
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let out = build.output().unwrap();
+    assert!(
+        out.status.success(),
+        "building the demo with MPI failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("timeout")
+        .args([
+            "300",
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+        ])
+        .arg(profile_dir.join("examples/train"))
+        .args(["--comm", "mpi", "--epochs", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The stage row: "2  <epochs to target>  <metric>% ..."
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("2 ") && l.contains('%'))
+        .unwrap_or_else(|| panic!("no result row:\n{text}"));
+    let mut cols = row.split_whitespace();
+    let epochs: usize = cols.nth(1).and_then(|v| v.parse().ok()).unwrap_or(99);
+    let acc: f64 = cols
+        .next()
+        .and_then(|v| v.trim_end_matches('%').parse().ok())
+        .unwrap_or(0.0);
+    assert!(epochs <= 2 && acc >= 95.0, "{row}");
 }
