@@ -331,6 +331,16 @@ fn collectives(a: &Args, c: &mut dyn Communicator) {
         if p > 1 {
             let e = c.broadcast_discard(4, me).unwrap_err();
             assert!(matches!(e, CommError::InvalidArgument { .. }), "{e}");
+            // Only rank 0's arguments are invalid (6 bytes is not a whole
+            // number of f32): it still takes part in the descriptor
+            // exchange, so every rank fails together and the communicator
+            // stays in step (checked by the allreduce below).
+            let mut b = vec![0u8; if me == 0 { 6 } else { 8 }];
+            let e = c.allreduce_bytes(&mut b, ReduceType::F32).unwrap_err();
+            assert!(matches!(e, CommError::InvalidArgument { .. }), "{e}");
+            // Only rank 1 is the root and discards.
+            let e = c.broadcast_discard(4, 1).unwrap_err();
+            assert!(matches!(e, CommError::InvalidArgument { .. }), "{e}");
         }
     }
     let mut v = vec![1.0f32; 5];

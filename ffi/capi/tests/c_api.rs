@@ -273,8 +273,9 @@ enum ObsData {
 fn make_obs(spec: &Spec, n: usize, pad: usize, rng: &mut Lcg) -> ObsData {
     match *spec {
         Spec::Linear { inf, outf, .. } => ObsData::Linear(
+            // Different paddings, so `ldg` cannot pass for `lda`.
             Padded::new(n, inf, pad, rng),
-            Padded::new(n, outf, pad, rng),
+            Padded::new(n, outf, (pad + 1) % 3, rng),
         ),
         Spec::Conv {
             cin,
@@ -387,7 +388,7 @@ fn make_grads(specs: &[Spec], pad: usize, rng: &mut Lcg) -> Grads {
     let mut b = Vec::new();
     for s in specs {
         let (rows, cols) = s.kind().weight_shape();
-        w.push(Padded::new(rows, cols, pad, rng));
+        w.push(Padded::new(rows, cols, (pad + w.len()) % 3, rng));
         b.push(
             s.has_bias()
                 .then(|| (0..rows).map(|_| rng.next()).collect()),
@@ -584,7 +585,11 @@ fn check_run(run: &Run) -> Result<usize, TestCaseError> {
                     let mut gc = make_grads(&run.specs, *pad, &mut Lcg(*seed));
                     let mut gr = make_grads(&run.specs, *pad, &mut Lcg(*seed));
                     let before: Vec<Vec<u32>> = gc.w.iter().map(|w| bits(&w.dense())).collect();
-                    let cg = c_grads(&mut gc);
+                    // Entries in a rotated order (the same for both APIs):
+                    // the C layer must map them by `layer`, not position.
+                    let mut cg = c_grads(&mut gc);
+                    let rot = (*seed % cg.len() as u64) as usize;
+                    cg.rotate_left(rot);
                     let mut stats = std::mem::zeroed::<KfacStepStats>();
                     let st = kfac_step(p, cg.as_ptr(), cg.len(), &mut stats);
                     let mut lg: Vec<LayerGrad<'_>> =
@@ -597,6 +602,7 @@ fn check_run(run: &Run) -> Result<usize, TestCaseError> {
                                 bias: b.as_deref_mut(),
                             })
                             .collect();
+                    lg.rotate_left(rot);
                     let rs = reference.step(&mut lg);
                     drop(lg);
                     let dense: Vec<Mat<f32>> = gr.w.iter().map(Padded::dense).collect();

@@ -127,6 +127,13 @@ impl Layout {
 }
 
 /// A hierarchical communicator: see the [module docs](self).
+///
+/// Errors: invalid arguments found before any communication (a bad root or
+/// element length) are returned and leave it usable. Any failure once a
+/// collective has started to communicate breaks it for good (every later
+/// call returns that error) and aborts the node's shared-memory group, so
+/// that the node's other ranks fail fast instead of waiting for a stage
+/// that will never come, or pairing it with their next call.
 pub struct HierComm {
     rank: usize,
     size: usize,
@@ -136,6 +143,8 @@ pub struct HierComm {
     /// The leaders' communicator (leaders only).
     leaders: Option<MpiComm>,
     broken: Option<CommError>,
+    /// Set by a collective once its argument checks passed (see `guard`).
+    staged: bool,
 }
 
 impl std::fmt::Debug for HierComm {
@@ -354,6 +363,7 @@ impl HierComm {
             node,
             leaders,
             broken: None,
+            staged: false,
         })
     }
 
@@ -364,10 +374,20 @@ impl HierComm {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
+        self.staged = false;
         let r = f(self);
         if let Err(e) = &r {
-            if !matches!(e, CommError::InvalidArgument { .. }) {
+            // A collective here runs in stages (node group, leaders, node
+            // group); a rank that fails in one stage does not take part in
+            // the next, so the others could pair its next call with a stage
+            // of this one. An error once the stages have begun therefore
+            // breaks the communicator for good, and the node group is told
+            // so its ranks fail fast. Invalid arguments found before any
+            // communication (the same on every rank when every rank passes
+            // the same arguments) leave it usable.
+            if self.staged || !matches!(e, CommError::InvalidArgument { .. }) {
                 self.broken = Some(e.clone());
+                self.node.abort_group();
             }
         }
         r
@@ -403,6 +423,7 @@ impl HierComm {
 
     fn allreduce_impl(&mut self, data: &mut [u8], ty: ReduceType) -> Result<(), CommError> {
         check_elem(data.len(), ty)?;
+        self.staged = true;
         if let Some((c, _)) = self.single_layer(0) {
             return c.allreduce_bytes(data, ty);
         }
@@ -421,6 +442,7 @@ impl HierComm {
     ) -> Result<(), CommError> {
         check_elem(data.len(), ty)?;
         check_root(root, self.size)?;
+        self.staged = true;
         if let Some((c, r)) = self.single_layer(root) {
             return c.reduce_bytes(data, ty, r);
         }
@@ -467,6 +489,7 @@ impl HierComm {
                 "the root of a broadcast cannot discard its own data".into(),
             ));
         }
+        self.staged = true;
         if let Some((c, r)) = self.single_layer(root) {
             return match data {
                 Some(d) => c.broadcast_bytes(d, r),
@@ -511,6 +534,7 @@ impl HierComm {
     }
 
     fn allgather_impl(&mut self, send: &[u8]) -> Result<(Vec<u8>, Vec<usize>), CommError> {
+        self.staged = true;
         if let Some((c, _)) = self.single_layer(0) {
             // A single node gathers in node-local order, which is rank
             // order; one rank per node gathers in node order, also rank
@@ -590,6 +614,7 @@ impl HierComm {
     }
 
     fn barrier_impl(&mut self) -> Result<(), CommError> {
+        self.staged = true;
         if let Some((c, _)) = self.single_layer(0) {
             return c.barrier();
         }

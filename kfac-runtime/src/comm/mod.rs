@@ -171,6 +171,12 @@ pub trait Communicator: Send {
     /// [`CommError`].
     fn barrier(&mut self) -> Result<(), CommError>;
 
+    /// Tells the other ranks that this one has given up on the group (best
+    /// effort, never blocks), so that they fail fast instead of waiting for
+    /// it; used by a composite communicator whose collective failed halfway.
+    /// The default does nothing (the others then run into their timeout).
+    fn abort_group(&mut self) {}
+
     /// Takes part in a [`broadcast_bytes`](Self::broadcast_bytes) of `len`
     /// bytes from `root` without keeping the data (for ranks that do not
     /// need it). The default receives into a temporary buffer.

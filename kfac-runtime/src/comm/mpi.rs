@@ -248,9 +248,11 @@ const OP_REDUCE: u64 = 2;
 const OP_BCAST: u64 = 3;
 const OP_ALLGATHER: u64 = 4;
 const OP_BARRIER: u64 = 5;
+/// Set in a descriptor's kind by a rank whose own argument check failed.
+const DESC_REFUSED: u64 = 1 << 63;
 
 fn op_name(kind: u64) -> &'static str {
-    match kind >> 2 {
+    match (kind & !DESC_REFUSED) >> 2 {
         OP_ALLREDUCE => "allreduce",
         OP_REDUCE => "reduce",
         OP_BCAST => "broadcast",
@@ -524,15 +526,30 @@ impl MpiComm {
 
     /// Exchanges the descriptor and checks that every rank called the same
     /// collective with the same root and (unless `any_len`) length.
+    /// `local` is this rank's own argument check: it is exchanged too (a
+    /// flag in the descriptor), so a rank whose arguments are invalid never
+    /// skips the exchange, and every rank fails together instead of the
+    /// ranks falling out of step.
     fn agree(
         &mut self,
+        local: Result<(), CommError>,
         kind: u64,
         root: usize,
         len: usize,
         any_len: bool,
     ) -> Result<Vec<[u64; 3]>, CommError> {
-        let mine = [kind, root as u64, len as u64];
+        let flag = if local.is_err() { DESC_REFUSED } else { 0 };
+        let mine = [kind | flag, root as u64, len as u64];
         let all = self.exchange_desc(mine)?;
+        local?;
+        if let Some(r) = all.iter().position(|d| d[0] & DESC_REFUSED != 0) {
+            return Err(CommError::InvalidArgument {
+                reason: format!(
+                    "rank {r} refused its arguments to {} (see its error)",
+                    op_name(kind)
+                ),
+            });
+        }
         for (r, d) in all.iter().enumerate() {
             let same = d[0] == kind && d[1] == mine[1] && (any_len || d[2] == mine[2]);
             if !same {
@@ -568,16 +585,17 @@ impl MpiComm {
         ty: ReduceType,
         root: Option<usize>,
     ) -> Result<(), CommError> {
-        check_elem(data.len(), ty)?;
-        if let Some(r) = root {
-            check_root(r, self.size)?;
-        }
+        let local = check_elem(data.len(), ty).and_then(|()| match root {
+            Some(r) => check_root(r, self.size),
+            None => Ok(()),
+        });
         let base = if root.is_some() {
             OP_REDUCE
         } else {
             OP_ALLREDUCE
         };
         self.agree(
+            local,
             (base << 2) | ty_code(ty),
             root.unwrap_or(0),
             data.len(),
@@ -717,13 +735,16 @@ impl MpiComm {
         len: usize,
         root: usize,
     ) -> Result<(), CommError> {
-        check_root(root, self.size)?;
-        if data.is_none() && self.rank == root {
-            return Err(CommError::InvalidArgument {
-                reason: "the root of a broadcast cannot discard its own data".into(),
-            });
-        }
-        self.agree(OP_BCAST << 2, root, len, false)?;
+        let local = check_root(root, self.size).and_then(|()| {
+            if data.is_none() && self.rank == root {
+                Err(CommError::InvalidArgument {
+                    reason: "the root of a broadcast cannot discard its own data".into(),
+                })
+            } else {
+                Ok(())
+            }
+        });
+        self.agree(local, OP_BCAST << 2, root, len, false)?;
         if self.size == 1 {
             return Ok(());
         }
@@ -757,7 +778,7 @@ impl MpiComm {
     }
 
     fn allgather_impl(&mut self, send: &[u8]) -> Result<(Vec<u8>, Vec<usize>), CommError> {
-        let all = self.agree(OP_ALLGATHER << 2, 0, send.len(), true)?;
+        let all = self.agree(Ok(()), OP_ALLGATHER << 2, 0, send.len(), true)?;
         let sizes: Vec<usize> = all
             .iter()
             .map(|d| usize::try_from(d[2]))
@@ -875,7 +896,7 @@ impl Communicator for MpiComm {
     fn barrier(&mut self) -> Result<(), CommError> {
         // The descriptor exchange is an allgather: nobody leaves it before
         // everybody has entered.
-        self.guard(|c| c.agree(OP_BARRIER << 2, 0, 0, false).map(|_| ()))
+        self.guard(|c| c.agree(Ok(()), OP_BARRIER << 2, 0, 0, false).map(|_| ()))
     }
 }
 

@@ -894,6 +894,10 @@ fn sum_typed<T: Real>(g: &ShmGroup, out: *mut u8, n: usize) {
 }
 
 impl Communicator for ShmGroup {
+    fn abort_group(&mut self) {
+        self.abort(None);
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }
