@@ -522,16 +522,22 @@ pub extern "C" fn kfac_has_mpi() -> u32 {
 /// The communicator is duplicated (`MPI_Comm_dup`): kfac's traffic never
 /// mixes with the caller's, and `comm` stays the caller's to free. kfac
 /// neither initializes nor finalizes MPI: the caller initializes it before
-/// this call (at least `MPI_THREAD_SERIALIZED` if kfac calls may come from
-/// different threads) and finalizes it after `kfac_comm_free` and
-/// `kfac_precond_free` of every preconditioner using the handle.
+/// this call and finalizes it after `kfac_comm_free` and
+/// `kfac_precond_free` of every preconditioner using the handle. kfac calls
+/// MPI only inside kfac calls on this handle (or the preconditioner owning
+/// its connection), on the calling thread: `MPI_Init` suffices when that is
+/// the thread that initialized MPI; otherwise initialize with at least
+/// `MPI_THREAD_SERIALIZED`.
 ///
 /// `hierarchical` 0: collectives over MPI alone (reductions in a fixed rank
 /// order, bitwise reproducible for a fixed world size). 1: shared memory
 /// inside each machine (ranks of one `MPI_COMM_TYPE_SHARED` domain, or
 /// `KFAC_NODE_SIZE` consecutive ranks when that variable is set) and MPI
-/// between one leader per machine. Every collective is bounded by
-/// `timeout_ms`. Collective over `comm`: every rank makes the same call.
+/// between one leader per machine. Every wait is bounded by `timeout_ms`
+/// (each MPI stage of a collective, i.e. each segment of at most 256 KiB,
+/// and each shared-memory round), so a large collective may take longer in
+/// all but never hangs. Collective over `comm`: every rank makes the same
+/// call.
 ///
 /// `KFAC_ERR_INVALID_ARGUMENT` when the library was built without MPI
 /// (`kfac_has_mpi() == 0`), `KFAC_ERR_COMM` when MPI is not initialized,
