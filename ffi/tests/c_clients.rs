@@ -62,14 +62,20 @@ fn run(cmd: &mut Command) -> String {
 /// Whether `tool` can run; panics when it cannot and `KFAC_REQUIRE_TOOLS`
 /// is set.
 fn have_tool(tool: &str) -> bool {
+    have_tool_unless(tool, "KFAC_REQUIRE_TOOLS")
+}
+
+/// Whether `tool` can run; panics when it cannot and `require_var` is set
+/// (so CI cannot skip silently), else prints a notice.
+fn have_tool_unless(tool: &str, require_var: &str) -> bool {
     let ok = Command::new(tool)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
         assert!(
-            std::env::var_os("KFAC_REQUIRE_TOOLS").is_none(),
-            "{tool} is required (KFAC_REQUIRE_TOOLS is set; .ci/run installs it)"
+            std::env::var_os(require_var).is_none(),
+            "{tool} is required ({require_var} is set; .ci/run installs it)"
         );
         eprintln!("SKIPPED: {tool} is not installed (.ci/run installs it)");
     }
@@ -491,16 +497,7 @@ fn mpi_lib_dir() -> PathBuf {
 /// `KFAC_REQUIRE_MPI=1`.
 #[test]
 fn c_mlp_runs_under_mpirun_through_kfac_comm_mpi() {
-    let have = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have {
-        assert!(
-            std::env::var_os("KFAC_REQUIRE_MPI").is_none(),
-            "mpirun is required (KFAC_REQUIRE_MPI is set; .ci/run installs Open MPI)"
-        );
-        eprintln!("SKIPPED: mpirun is not installed (.ci/run installs Open MPI)");
+    if !have_tool_unless("mpirun", "KFAC_REQUIRE_MPI") {
         return;
     }
     let reference = checksum(&run(&mut Command::new(compile_static(
