@@ -31,17 +31,8 @@ const CMD_STOP: u64 = 0;
 const CMD_STEP: u64 = 1;
 const CMD_ALLREDUCE: u64 = 2;
 
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
+mod common;
+use common::data;
 
 fn opts() -> ShmOptions {
     ShmOptions {

@@ -21,17 +21,8 @@ use std::time::Duration;
 const SHAPES: [(usize, usize); 3] = [(64, 577), (256, 2305), (1000, 2049)];
 const BATCH: usize = 32;
 
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
+mod common;
+use common::data;
 
 struct Layer {
     d_out: usize,

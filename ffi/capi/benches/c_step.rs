@@ -26,17 +26,9 @@ use kfac_runtime::{Config, LayerGrad, LayerId, LayerKind, Observation, Precondit
 
 const BATCH: usize = 64;
 
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
+#[path = "../../../benches/common/mod.rs"]
+mod common;
+use common::data;
 
 struct Setup {
     widths: Vec<(usize, usize)>,

@@ -51,9 +51,12 @@ enum Spec {
     Conv {
         cin: usize,
         cout: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
+        /// (height, width) of kernel, stride, padding and dilation: drawn
+        /// separately, so a swapped or dropped argument in the C layer shows.
+        k: (usize, usize),
+        stride: (usize, usize),
+        pad: (usize, usize),
+        dil: (usize, usize),
         bias: bool,
         nhwc: bool,
         hw: (usize, usize),
@@ -78,16 +81,17 @@ impl Spec {
                 k,
                 stride,
                 pad,
+                dil,
                 bias,
                 nhwc,
                 ..
             } => LayerKind::Conv2d(Conv2dSpec {
                 in_channels: cin,
                 out_channels: cout,
-                kernel: (k, k),
-                stride: (stride, stride),
-                padding: (pad, pad),
-                dilation: (1, 1),
+                kernel: k,
+                stride,
+                padding: pad,
+                dilation: dil,
                 bias,
                 layout: if nhwc {
                     ImageLayout::Nhwc
@@ -118,24 +122,29 @@ fn spec() -> impl Strategy<Value = Spec> {
             bias
         }),
         (
-            1usize..4,
-            1usize..4,
-            1usize..4,
-            1usize..3,
-            0usize..2,
+            (1usize..4, 1usize..4),
+            (1usize..4, 1usize..4),
+            (1usize..3, 1usize..3),
+            (0usize..2, 0usize..2),
+            (1usize..3, 1usize..3),
             any::<bool>(),
             any::<bool>(),
             (3usize..7, 3usize..7)
         )
-            .prop_map(|(cin, cout, k, stride, pad, bias, nhwc, hw)| Spec::Conv {
-                cin,
-                cout,
-                k,
-                stride,
-                pad,
-                bias,
-                nhwc,
-                hw
+            .prop_map(|((cin, cout), k, stride, pad, dil, bias, nhwc, (h, w))| {
+                // Large enough for the dilated kernel (a valid geometry).
+                let span = |k: usize, d: usize| d * (k - 1) + 1;
+                Spec::Conv {
+                    cin,
+                    cout,
+                    k,
+                    stride,
+                    pad,
+                    dil,
+                    bias,
+                    nhwc,
+                    hw: (h.max(span(k.0, dil.0)), w.max(span(k.1, dil.1))),
+                }
             }),
         (2usize..10, 1usize..6).prop_map(|(num, dim)| Spec::Embedding { num, dim }),
     ]
@@ -283,11 +292,12 @@ fn make_obs(spec: &Spec, n: usize, pad: usize, rng: &mut Lcg) -> ObsData {
             k,
             stride,
             pad: p,
+            dil: d,
             hw: (h, w),
             ..
         } => {
-            let oh = (h + 2 * p - k) / stride + 1;
-            let ow = (w + 2 * p - k) / stride + 1;
+            let oh = (h + 2 * p.0 - d.0 * (k.0 - 1) - 1) / stride.0 + 1;
+            let ow = (w + 2 * p.1 - d.1 * (k.1 - 1) - 1) / stride.1 + 1;
             let x = (0..n * cin * h * w).map(|_| rng.next()).collect();
             let g = (0..n * cout * oh * ow).map(|_| rng.next()).collect();
             ObsData::Conv(x, g, n, (h, w))
@@ -500,6 +510,7 @@ unsafe fn c_create(run: &Run) -> *mut KfacPrecond {
                     k,
                     stride,
                     pad,
+                    dil,
                     bias,
                     nhwc,
                     ..
@@ -508,14 +519,14 @@ unsafe fn c_create(run: &Run) -> *mut KfacPrecond {
                     name.as_ptr(),
                     cin,
                     cout,
-                    k,
-                    k,
-                    stride,
-                    stride,
-                    pad,
-                    pad,
-                    1,
-                    1,
+                    k.0,
+                    k.1,
+                    stride.0,
+                    stride.1,
+                    pad.0,
+                    pad.1,
+                    dil.0,
+                    dil.1,
                     bias as u32,
                     if nhwc {
                         KfacLayout::KFAC_LAYOUT_NHWC as u32
@@ -789,9 +800,10 @@ fn fixed_run_over_every_layer_kind_steps() {
         Spec::Conv {
             cin: 2,
             cout: 3,
-            k: 3,
-            stride: 1,
-            pad: 1,
+            k: (3, 2),
+            stride: (1, 2),
+            pad: (1, 0),
+            dil: (1, 2),
             bias: false,
             nhwc: true,
             hw: (5, 4),
