@@ -87,9 +87,149 @@ pub enum Error {
         /// rayon's message.
         reason: String,
     },
+    /// An input, or a value computed from it (a factor, a preconditioned
+    /// gradient), holds NaN or Inf.
+    NonFinite {
+        /// The layer's name.
+        layer: String,
+        /// What is not finite, in words, with the position.
+        what: String,
+    },
+    /// Another rank failed its part of a distributed step after
+    /// communication had begun; every rank returns this (the failing rank
+    /// returns its own error) and the group is aborted.
+    RankFailed {
+        /// The first rank (lowest number) that failed.
+        rank: usize,
+        /// The kind of that rank's error.
+        kind: ErrorKind,
+        /// That rank's error message.
+        cause: String,
+    },
+}
+
+/// The class of an [`Error`], for callers that map errors to codes (the C
+/// ABI's status) or decide how to react: a stable, exhaustive-by-design
+/// summary that never depends on message text.
+///
+/// ```
+/// use kfac_runtime::{Error, ErrorKind};
+/// assert_eq!(Error::LayersFrozen.kind(), ErrorKind::State);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A value out of range: configuration, layer description, kernel
+    /// parameter, duplicate name.
+    InvalidArgument,
+    /// Sizes, strides or geometry that do not fit the layer.
+    Shape,
+    /// NaN or Inf in an input or in a result computed from it.
+    NonFinite,
+    /// A layer id that was never registered.
+    UnknownLayer,
+    /// Calls out of order: a missing observation or gradient, registration
+    /// after the first step.
+    State,
+    /// A numerical failure: a factor that is not positive definite after
+    /// damping, an eigensolver that did not converge.
+    Numerical,
+    /// A collective failed (dead or stuck peer, timeout), or ranks disagree.
+    Comm,
+    /// Another rank failed its part of a step (see [`Error::RankFailed`]).
+    PeerFailed,
+    /// A checkpoint was refused.
+    Checkpoint,
+    /// A resource could not be had (the thread pool).
+    Resource,
+}
+
+impl ErrorKind {
+    /// A stable lower-case name (`"non_finite"`, ...), for logs and the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::Shape => "shape",
+            ErrorKind::NonFinite => "non_finite",
+            ErrorKind::UnknownLayer => "unknown_layer",
+            ErrorKind::State => "state",
+            ErrorKind::Numerical => "numerical",
+            ErrorKind::Comm => "comm",
+            ErrorKind::PeerFailed => "peer_failed",
+            ErrorKind::Checkpoint => "checkpoint",
+            ErrorKind::Resource => "resource",
+        }
+    }
+
+    /// The code used on the wire between ranks (stable across versions).
+    pub(crate) fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    /// Inverse of [`code`](Self::code); an unknown code reads as `Comm`.
+    pub(crate) fn from_code(c: u8) -> ErrorKind {
+        const ALL: [ErrorKind; 10] = [
+            ErrorKind::InvalidArgument,
+            ErrorKind::Shape,
+            ErrorKind::NonFinite,
+            ErrorKind::UnknownLayer,
+            ErrorKind::State,
+            ErrorKind::Numerical,
+            ErrorKind::Comm,
+            ErrorKind::PeerFailed,
+            ErrorKind::Checkpoint,
+            ErrorKind::Resource,
+        ];
+        ALL.get((c as usize).wrapping_sub(1))
+            .copied()
+            .unwrap_or(ErrorKind::Comm)
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Error {
+    /// The class of this error (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        use kfac_kernels::Error as K;
+        match self {
+            Error::Kernel { source, .. } => match source {
+                K::NonFinite { .. } => ErrorKind::NonFinite,
+                K::NotPositiveDefinite { .. } | K::EigenNoConvergence { .. } => {
+                    ErrorKind::Numerical
+                }
+                K::DimensionMismatch { .. }
+                | K::LengthMismatch { .. }
+                | K::InvalidGeometry { .. } => ErrorKind::Shape,
+                _ => ErrorKind::InvalidArgument,
+            },
+            Error::InvalidConfig { .. }
+            | Error::DuplicateLayer { .. }
+            | Error::InvalidLayer { .. } => ErrorKind::InvalidArgument,
+            Error::UnknownLayer { .. } => ErrorKind::UnknownLayer,
+            Error::Mismatch { .. } => ErrorKind::Shape,
+            Error::MissingObservation { .. }
+            | Error::MissingGradient { .. }
+            | Error::LayersFrozen => ErrorKind::State,
+            Error::Checkpoint { .. } => ErrorKind::Checkpoint,
+            Error::Comm(_) | Error::Distributed { .. } => ErrorKind::Comm,
+            Error::ThreadPool { .. } => ErrorKind::Resource,
+            Error::NonFinite { .. } => ErrorKind::NonFinite,
+            Error::RankFailed { .. } => ErrorKind::PeerFailed,
+        }
+    }
+
+    pub(crate) fn non_finite(layer: &str, what: String) -> Error {
+        Error::NonFinite {
+            layer: layer.to_string(),
+            what,
+        }
+    }
+
     pub(crate) fn kernel(layer: &str) -> impl FnOnce(kfac_kernels::Error) -> Error + '_ {
         move |source| Error::Kernel {
             layer: Some(layer.to_string()),
@@ -149,6 +289,10 @@ impl fmt::Display for Error {
             Error::ThreadPool { reason } => write!(f, "thread pool: {reason}"),
             Error::Comm(e) => write!(f, "communication: {e}"),
             Error::Distributed { reason } => write!(f, "distributed step: {reason}"),
+            Error::NonFinite { layer, what } => write!(f, "layer '{layer}': {what} is not finite (NaN/Inf)"),
+            Error::RankFailed { rank, kind, cause } => {
+                write!(f, "rank {rank} failed its part of the step ({kind}): {cause}")
+            }
         }
     }
 }

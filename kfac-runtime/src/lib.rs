@@ -36,7 +36,7 @@ mod state;
 mod stats;
 
 pub use config::{Compat, Config, Method, Precision, Schedule, WirePrecision};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use layer::{Conv2dSpec, LayerGrad, LayerId, LayerKind, Observation};
 pub use preconditioner::Preconditioner;
 pub use stats::{StageTimes, StepStats};

@@ -322,7 +322,7 @@ impl Preconditioner {
     ///
     /// # Errors
     /// [`Error::UnknownLayer`], [`Error::Mismatch`] for an observation of
-    /// another kind or wrong sizes, [`Error::Kernel`] for NaN/Inf. The state
+    /// another kind or wrong sizes, [`Error::NonFinite`] for NaN/Inf. The state
     /// is unchanged on error.
     pub fn observe(&mut self, layer: LayerId, obs: Observation<'_>) -> Result<()> {
         let t0 = Instant::now();
@@ -617,8 +617,8 @@ impl Preconditioner {
     /// [`Error::UnknownLayer`], [`Error::MissingGradient`],
     /// [`Error::Mismatch`] (shapes, a layer passed twice),
     /// [`Error::MissingObservation`] when a factor update is due and a layer
-    /// was not observed, [`Error::Kernel`] (NaN/Inf gradients, a
-    /// decomposition that fails), [`Error::Distributed`] (another rank
+    /// was not observed, [`Error::NonFinite`] (NaN/Inf gradients),
+    /// [`Error::Kernel`] (a decomposition that fails), [`Error::Distributed`] (another rank
     /// refused its arguments, or the ranks' configurations differ),
     /// [`Error::Comm`]. The state and the gradients are unchanged on error.
     pub fn step(&mut self, grads: &mut [LayerGrad<'_>]) -> Result<StepStats> {
@@ -951,10 +951,7 @@ fn finite_mat(layer: &str, what: &str, m: MatRef<'_, f32>) -> Result<()> {
     for j in 0..m.ncols() {
         for i in 0..m.nrows() {
             if !m[(i, j)].is_finite() {
-                return Err(Error::mismatch(
-                    layer,
-                    format!("{what} holds NaN/Inf at ({i}, {j})"),
-                ));
+                return Err(Error::non_finite(layer, format!("{what} at ({i}, {j})")));
             }
         }
     }
@@ -983,10 +980,7 @@ fn validate_grad(l: &LayerState, g: &LayerGrad<'_>) -> Result<()> {
                 ));
             }
             if let Some(i) = b.iter().position(|v| !v.is_finite()) {
-                return Err(Error::mismatch(
-                    &l.name,
-                    format!("bias gradient holds NaN/Inf at {i}"),
-                ));
+                return Err(Error::non_finite(&l.name, format!("bias gradient at {i}")));
             }
         }
         (None, true) => {
@@ -1070,15 +1064,12 @@ fn validate_observation(l: &LayerState, obs: &Observation<'_>) -> Result<()> {
             ImageRef::new(output_grads, spec.layout, *batch, spec.out_channels, oh, ow)
                 .map_err(kerr(name))?;
             if let Some(i) = input.iter().position(|v| !v.is_finite()) {
-                return Err(Error::mismatch(
-                    name,
-                    format!("input holds NaN/Inf at flat index {i}"),
-                ));
+                return Err(Error::non_finite(name, format!("input at flat index {i}")));
             }
             if let Some(i) = output_grads.iter().position(|v| !v.is_finite()) {
-                return Err(Error::mismatch(
+                return Err(Error::non_finite(
                     name,
-                    format!("output grads hold NaN/Inf at flat index {i}"),
+                    format!("output grads at flat index {i}"),
                 ));
             }
         }
@@ -1611,9 +1602,9 @@ fn precondition(
     }
     let dot = kl::frobenius_dot(v.as_ref(), raw.as_ref()).map_err(kerr(name))? as f64;
     if !dot.is_finite() || !v.col_iter().all(|c| c.iter().all(|x| x.is_finite())) {
-        return Err(Error::mismatch(
+        return Err(Error::non_finite(
             name,
-            "preconditioned gradient is not finite (damping too small for these factors?)".into(),
+            "the preconditioned gradient (damping too small for these factors?)".into(),
         ));
     }
     Ok((v, dot))

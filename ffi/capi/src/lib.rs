@@ -203,34 +203,18 @@ fn fail<T>(status: KfacStatus, msg: impl Into<String>) -> R<T> {
 }
 
 fn map_err(e: Error) -> Fail {
-    let status = match &e {
-        Error::Kernel { source, .. } => match source {
-            kfac_runtime::kfac_kernels::Error::NonFinite { .. } => KFAC_ERR_NON_FINITE,
-            kfac_runtime::kfac_kernels::Error::NotPositiveDefinite { .. }
-            | kfac_runtime::kfac_kernels::Error::EigenNoConvergence { .. } => KFAC_ERR_NUMERICAL,
-            kfac_runtime::kfac_kernels::Error::DimensionMismatch { .. }
-            | kfac_runtime::kfac_kernels::Error::LengthMismatch { .. }
-            | kfac_runtime::kfac_kernels::Error::InvalidGeometry { .. } => KFAC_ERR_SHAPE,
-            _ => KFAC_ERR_INVALID_ARGUMENT,
-        },
-        Error::InvalidConfig { .. } | Error::DuplicateLayer { .. } | Error::InvalidLayer { .. } => {
-            KFAC_ERR_INVALID_ARGUMENT
-        }
-        Error::UnknownLayer { .. } | Error::Mismatch { .. } => KFAC_ERR_SHAPE,
-        Error::MissingObservation { .. } | Error::MissingGradient { .. } | Error::LayersFrozen => {
-            KFAC_ERR_STATE
-        }
-        Error::Checkpoint { .. } => KFAC_ERR_CHECKPOINT,
-        Error::Comm(_) | Error::Distributed { .. } => KFAC_ERR_COMM,
+    use kfac_runtime::ErrorKind as K;
+    let status = match e.kind() {
+        K::InvalidArgument | K::UnknownLayer => KFAC_ERR_INVALID_ARGUMENT,
+        K::Shape => KFAC_ERR_SHAPE,
+        K::NonFinite => KFAC_ERR_NON_FINITE,
+        K::State => KFAC_ERR_STATE,
+        K::Numerical => KFAC_ERR_NUMERICAL,
+        K::Comm | K::PeerFailed => KFAC_ERR_COMM,
+        K::Checkpoint => KFAC_ERR_CHECKPOINT,
         _ => KFAC_ERR_INVALID_ARGUMENT,
     };
-    let msg = e.to_string();
-    let status = if status == KFAC_ERR_SHAPE && msg.contains("NaN/Inf") {
-        KFAC_ERR_NON_FINITE
-    } else {
-        status
-    };
-    Fail(status, msg)
+    Fail(status, e.to_string())
 }
 
 const TAG_PRECOND: u8 = 1;
