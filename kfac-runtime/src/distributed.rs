@@ -20,10 +20,9 @@
 
 use faer::Mat;
 
-use crate::checkpoint::{write_config, write_kind, W};
+use crate::codec::{write_config, write_kind, W};
 use crate::config::Config;
-use crate::preconditioner::{FactorInv, LayerState};
-use crate::state::Factor;
+use crate::state::{Factor, FactorInv, LayerState};
 
 /// Greedy longest-processing-time assignment: tasks in decreasing cost
 /// (ties: lower index first) each go to the least-loaded rank (ties: lower

@@ -26,14 +26,18 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+mod codec;
 pub mod comm;
 mod config;
 mod distributed;
 mod error;
+mod exchange;
 mod layer;
+mod observe;
 mod preconditioner;
 mod state;
 mod stats;
+mod step;
 
 pub use config::{Compat, Config, Method, Precision, Schedule, WirePrecision};
 pub use error::{Error, ErrorKind, Result};

@@ -1,6 +1,65 @@
-//! Per-layer state: factors, micro-batch accumulators and the inverse cache.
+//! Per-layer state: factors, micro-batch accumulators, the inverse cache,
+//! and the per-factor result of an inversion. Plain data: no I/O, no
+//! communication (those live in `exchange`, `step` and `checkpoint`).
 
 use faer::Mat;
+
+use crate::config::Compat;
+use crate::layer::LayerKind;
+
+/// One registered layer.
+#[derive(Debug)]
+pub(crate) struct LayerState {
+    pub(crate) name: String,
+    pub(crate) kind: LayerKind,
+    pub(crate) excluded: bool,
+    pub(crate) a: Factor,
+    pub(crate) g: Factor,
+    pub(crate) acc: Accumulator,
+    pub(crate) inv: Option<InverseCache>,
+}
+
+impl LayerState {
+    pub(crate) fn new(name: String, kind: LayerKind, excluded: bool, compat: Compat) -> Self {
+        let (d_out, d) = kind.dims();
+        let diag = kind.diagonal_a();
+        let (a, g) = match compat {
+            Compat::Native => (Factor::zeros(d, diag), Factor::zeros(d_out, false)),
+            Compat::KfacPytorch => (Factor::identity(d, diag), Factor::identity(d_out, false)),
+        };
+        Self {
+            name,
+            kind,
+            excluded,
+            a,
+            g,
+            acc: Accumulator {
+                a: Factor::zeros(d, diag),
+                g: Factor::zeros(d_out, false),
+                weight: 0.0,
+                count: 0,
+            },
+            inv: None,
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.a.bytes()
+            + self.g.bytes()
+            + self.acc.bytes()
+            + self.inv.as_ref().map_or(0, |i| i.bytes())
+    }
+}
+
+/// The inverse-step result of one factor (what an owner shares).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum FactorInv {
+    /// Eigenvectors (`None` for a diagonal factor: the identity) and
+    /// eigenvalues.
+    Eigen { q: Option<Mat<f32>>, l: Vec<f32> },
+    /// The damped inverse.
+    Inv(Factor),
+}
 
 /// A Kronecker factor: dense symmetric (stored full), or diagonal
 /// (embedding A factors).

@@ -38,6 +38,14 @@ pub struct StepStats {
     pub lr: f64,
     /// Stage wall times.
     pub times: StageTimes,
+    /// Payload bytes this rank sent in the step's collectives (its
+    /// statistics, the decompositions and preconditioned gradients it
+    /// broadcast as owner or lead; status rounds not counted). Zero in a
+    /// single process. See `distributed` in ARCHITECTURE.md for the
+    /// per-step formulas.
+    pub bytes_sent: u64,
+    /// Payload bytes this rank received and kept in the step's collectives.
+    pub bytes_received: u64,
     /// Bytes of state held after the step.
     pub state_bytes: usize,
 }

@@ -25,7 +25,17 @@ fn worker_entry() {
     })
     .expect("join");
     let (rank, world) = (g.rank(), g.size());
-    let mut p = Preconditioner::with_communicator(config(), Box::new(g)).unwrap();
+    let cfg = match role.as_str() {
+        "fail_together" => kfac_runtime::Config {
+            method: kfac_runtime::Method::Inverse,
+            damping: kfac_runtime::Schedule::Constant(0.05),
+            inv_update_steps: 1,
+            threads: 1,
+            ..kfac_runtime::Config::default()
+        },
+        _ => config(),
+    };
+    let mut p = Preconditioner::with_communicator(cfg, Box::new(g)).unwrap();
     match role.as_str() {
         "dist" => {
             let per = N / world;
@@ -61,8 +71,148 @@ fn worker_entry() {
             );
             println!("mismatch ok");
         }
+        "fail_together" => fail_together(p, rank, world),
+        "bytes" => bytes_moved(p, rank, world),
         other => panic!("unknown role {other}"),
     }
+}
+
+/// One step of a 1-layer Kronecker model whose A statistic is `a_diag`
+/// (G = I), with a gradient of `cols` columns (3 is the right shape).
+fn kron_step(
+    p: &mut Preconditioner,
+    id: kfac_runtime::LayerId,
+    a_diag: [f32; 3],
+    cols: usize,
+) -> Result<kfac_runtime::StepStats, Error> {
+    let a = faer::Mat::<f32>::from_fn(3, 3, |i, j| if i == j { a_diag[i] } else { 0.0 });
+    let g = faer::Mat::<f32>::identity(2, 2);
+    p.observe(
+        id,
+        kfac_runtime::Observation::Kronecker {
+            a: a.as_ref(),
+            g: g.as_ref(),
+            samples: 4,
+        },
+    )?;
+    let mut w = vec![0.25f32; 2 * cols];
+    let grad = kfac_runtime::LayerGrad::from_row_major(id, &mut w, 2, cols, None)?;
+    p.step(&mut [grad])
+}
+
+/// Fail-together (#10): an inversion that fails on its owner only (an
+/// indefinite A statistic that damping cannot rescue), and a shape error
+/// on one rank at step 5, end the step on every rank with an error naming
+/// the failing rank and its cause, well within the collective timeout
+/// (20 s here); the group stays usable and the next good step succeeds on
+/// every rank.
+fn fail_together(mut p: Preconditioner, rank: usize, world: usize) {
+    use kfac_runtime::ErrorKind;
+    let id = p
+        .register("kron", LayerKind::Kronecker { a_dim: 3, g_dim: 2 })
+        .unwrap();
+    let good = [1.0f32, 0.5, 2.0];
+    // Step 0: an indefinite A fails the Cholesky inversion on A's owner.
+    let t0 = std::time::Instant::now();
+    let err = kron_step(&mut p, id, [2.0, -1.5, 2.0], 3).unwrap_err();
+    let took = t0.elapsed();
+    println!("rank {rank}: {err} ({took:?})");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    match &err {
+        Error::Kernel { .. } => assert_eq!(err.kind(), ErrorKind::Numerical),
+        Error::RankFailed {
+            rank: r,
+            kind,
+            cause,
+        } => {
+            assert_ne!(*r, rank);
+            assert_eq!(*kind, ErrorKind::Numerical);
+            assert!(cause.contains("kron"), "{cause}");
+        }
+        other => panic!("rank {rank}: unexpected {other:?}"),
+    }
+    assert_eq!(p.steps(), 0, "a failed step must not count");
+    // Steps 0-4 with good data succeed everywhere (the accumulator kept
+    // the bad statistic: the first good step averages it with a
+    // dominating good one, so the factor is definite again).
+    for s in 0..5 {
+        let a = if s == 0 { [9.0, 9.0, 9.0] } else { good };
+        kron_step(&mut p, id, a, 3).unwrap_or_else(|e| panic!("rank {rank} step {s}: {e}"));
+    }
+    // Step 5: rank 1 passes a gradient of the wrong shape.
+    let cols = if rank == 1 { 4 } else { 3 };
+    let t0 = std::time::Instant::now();
+    let err = kron_step(&mut p, id, good, cols).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    println!("rank {rank}: {err}");
+    if rank == 1 {
+        assert_eq!(err.kind(), ErrorKind::Shape, "{err}");
+    } else {
+        assert!(
+            matches!(
+                &err,
+                Error::RankFailed {
+                    rank: 1,
+                    kind: ErrorKind::Shape,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    kron_step(&mut p, id, good, 3).unwrap_or_else(|e| panic!("rank {rank} after: {e}"));
+    assert_eq!(p.steps(), 6);
+    let _ = world;
+    println!("fail_together ok");
+}
+
+/// Prints the bytes this rank sent and received in a step that inverts
+/// (step 0) and one that does not (step 1).
+fn bytes_moved(mut p: Preconditioner, rank: usize, world: usize) {
+    let dims = [(6usize, 5usize), (5, 4), (9, 3)];
+    let ids: Vec<_> = dims
+        .iter()
+        .enumerate()
+        .map(|(k, &(i, o))| {
+            p.register(
+                &format!("fc{k}"),
+                LayerKind::Linear {
+                    in_features: i,
+                    out_features: o,
+                    bias: true,
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    for step in 0..2 {
+        let mut ws: Vec<Vec<f32>> = Vec::new();
+        let mut bs: Vec<Vec<f32>> = Vec::new();
+        for (k, (&(i, o), id)) in dims.iter().zip(&ids).enumerate() {
+            let a: Vec<f32> = (0..4 * i).map(|x| ((x * 7 + k) % 5) as f32 - 2.0).collect();
+            let g: Vec<f32> = (0..4 * o).map(|x| ((x * 3 + k) % 7) as f32 - 3.0).collect();
+            p.observe(
+                *id,
+                kfac_runtime::Observation::Linear {
+                    activations: faer::MatRef::from_row_major_slice(&a, 4, i),
+                    output_grads: faer::MatRef::from_row_major_slice(&g, 4, o),
+                },
+            )
+            .unwrap();
+            ws.push(vec![0.01; o * i]);
+            bs.push(vec![0.02; o]);
+        }
+        let mut grads = Vec::new();
+        for ((w, b), (&(i, o), id)) in ws.iter_mut().zip(bs.iter_mut()).zip(dims.iter().zip(&ids)) {
+            grads.push(kfac_runtime::LayerGrad::from_row_major(*id, w, o, i, Some(b)).unwrap());
+        }
+        let st = p.step(&mut grads).unwrap();
+        println!(
+            "bytes rank {rank} world {world} step {step} sent {} received {}",
+            st.bytes_sent, st.bytes_received
+        );
+    }
+    println!("bytes ok");
 }
 
 fn launch(n: usize, role: &str, env: &[(&str, &str)]) -> String {
@@ -152,4 +302,82 @@ fn low_precision_wire_stays_close_to_single_process() {
 #[test]
 fn mismatched_layer_lists_are_detected_on_every_rank() {
     launch(3, "mismatch", &[]);
+}
+
+#[test]
+fn a_failure_on_one_rank_fails_the_step_on_every_rank_quickly() {
+    for p in [2, 3] {
+        launch(p, "fail_together", &[]);
+    }
+}
+
+/// `(rank, step, sent, received)` from the `bytes` role's output.
+fn traffic(stdout: &str) -> Vec<(usize, usize, u64, u64)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let i = l.find("bytes rank ")?;
+            let w: Vec<&str> = l[i..].split_whitespace().collect();
+            Some((
+                w[2].parse().ok()?,
+                w[6].parse().ok()?,
+                w[8].parse().ok()?,
+                w[10].parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Bytes moved per step for gradient-worker fractions 1, 1/2 and 1/P
+/// (P = 4, eigen method, inversion at step 0 only), against the formulas
+/// of `distributed` (hand-computed from the layer sizes):
+///
+/// * statistics: every rank sends and receives its packed triangles
+///   (`4 Σ (d(d+1)/2)` bytes) and weights (`8 L`);
+/// * decompositions: each factor (`4 (d² + d)` bytes) is sent once by its
+///   owner; with f = 1 every other rank receives it;
+/// * preconditioned gradients (f < 1 only): each layer's `V`
+///   (`4 d_out d_in` bytes) is sent once by its lead, every step, and
+///   received by the `P - f P` ranks outside its group.
+#[test]
+fn bytes_moved_per_step_match_the_documented_formulas() {
+    let p = 4usize;
+    let dims = [(6u64, 5u64), (5, 4), (9, 3)]; // (in, out), with bias
+    let tri = |d: u64| d * (d + 1) / 2;
+    let stats: u64 = dims
+        .iter()
+        .map(|&(i, o)| 4 * (tri(i + 1) + tri(o)))
+        .sum::<u64>()
+        + 8 * dims.len() as u64;
+    let decomp: u64 = dims
+        .iter()
+        .map(|&(i, o)| 4 * ((i + 1) * (i + 1) + (i + 1) + o * o + o))
+        .sum();
+    let grads: u64 = dims.iter().map(|&(i, o)| 4 * o * (i + 1)).sum();
+    let mut received_at_inversion = Vec::new();
+    for (f, gsize) in [("1.0", 4u64), ("0.5", 2), ("0.25", 1)] {
+        let t = traffic(&launch(p, "bytes", &[("KFAC_TEST_FRACTION", f)]));
+        assert_eq!(t.len(), 2 * p, "{t:?}");
+        let sum = |step: usize, sent: bool| -> u64 {
+            t.iter()
+                .filter(|x| x.1 == step)
+                .map(|x| if sent { x.2 } else { x.3 })
+                .sum()
+        };
+        let results = if gsize < p as u64 { grads } else { 0 };
+        assert_eq!(sum(0, true), p as u64 * stats + decomp + results, "f={f}");
+        assert_eq!(sum(1, true), p as u64 * stats + results, "f={f}");
+        let nonmembers = (p as u64 - gsize) * grads;
+        assert_eq!(sum(1, false), p as u64 * stats + nonmembers, "f={f}");
+        if gsize == p as u64 {
+            assert_eq!(sum(0, false), p as u64 * stats + (p as u64 - 1) * decomp);
+        }
+        // Members hold at most gsize copies of each decomposition.
+        assert!(sum(0, false) <= p as u64 * stats + gsize * decomp + nonmembers);
+        received_at_inversion.push(sum(0, false));
+    }
+    assert!(
+        received_at_inversion[1] < received_at_inversion[0],
+        "f = 1/2 must move fewer bytes than f = 1 at an inversion step: {received_at_inversion:?}"
+    );
 }

@@ -221,7 +221,8 @@ pub trait Communicator: Send {
     }
 }
 
-/// Plain-old-data element types viewable as bytes.
+/// Plain-old-data element types viewable as bytes (f32, f64, u8, u16, u64,
+/// bf16, f16: no padding, every bit pattern valid).
 pub trait Pod: Copy + Send + Sync + 'static + sealed::Sealed {}
 mod sealed {
     pub trait Sealed {}
@@ -230,16 +231,21 @@ mod sealed {
     impl Sealed for u8 {}
     impl Sealed for u16 {}
     impl Sealed for u64 {}
+    // bf16 and f16 are `#[repr(transparent)]` wrappers of a u16.
+    impl Sealed for kfac_kernels::packed::bf16 {}
+    impl Sealed for kfac_kernels::packed::f16 {}
 }
 impl Pod for f32 {}
 impl Pod for f64 {}
 impl Pod for u8 {}
 impl Pod for u16 {}
 impl Pod for u64 {}
+impl Pod for kfac_kernels::packed::bf16 {}
+impl Pod for kfac_kernels::packed::f16 {}
 
 /// Views a slice of plain numbers as bytes.
 pub fn as_bytes_mut<T: Pod>(s: &mut [T]) -> &mut [u8] {
-    // SAFETY: `T` is one of f32/f64/u8/u16/u64 (sealed `Pod`): no padding,
+    // SAFETY: `T` is one of f32/f64/u8/u16/u64/bf16/f16 (sealed `Pod`): no padding,
     // every bit pattern valid, alignment of u8 is 1; the length in bytes is
     // exactly `size_of_val(s)` and the borrow is carried over.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) }

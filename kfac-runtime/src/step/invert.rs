@@ -1,0 +1,298 @@
+//! Phase "invert": when an inversion is due, each factor is decomposed
+//! (eigen method) or inverted (inverse method) by its owner only, all
+//! owners in parallel; after a status round the results go to the members
+//! of each layer's gradient-worker group, which assemble the layer's
+//! inverse cache (with the precomputed denominators when configured).
+
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::{Mat, Par};
+use kfac_kernels::{eigen, inverse};
+use rayon::prelude::*;
+
+use crate::config::{Compat, Config, Method, Precision};
+use crate::distributed;
+use crate::exchange::Exchange;
+use crate::observe::unreachable_diag;
+use crate::state::{Factor, FactorInv, InverseCache};
+use crate::{Error, Result};
+
+use super::factors::NewFactors;
+use super::plan::{Plan, Roles};
+use super::Ctx;
+
+fn kerr(layer: &str) -> impl FnOnce(kfac_kernels::Error) -> Error + '_ {
+    Error::kernel(layer)
+}
+
+/// New inverse caches per layer (`None`: excluded, not a member of the
+/// layer's group, or no inversion due).
+pub(crate) fn run(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    roles: &Roles,
+    new_factors: &NewFactors,
+    ex: &mut Exchange<'_>,
+) -> Result<Vec<Option<InverseCache>>> {
+    let layers = ctx.layers;
+    let nl = layers.len();
+    if !plan.inv_due {
+        return Ok((0..nl).map(|_| None).collect());
+    }
+    let cfg = ctx.cfg;
+    let factor_of = |t: usize| -> &Factor {
+        let li = t / 2;
+        match (&new_factors[li], t % 2) {
+            (Some((a, _)), 0) => a,
+            (Some((_, g)), _) => g,
+            (None, 0) => &layers[li].a,
+            (None, _) => &layers[li].g,
+        }
+    };
+    let eig = cfg.method == Method::Eigen;
+
+    // Local: the factors this rank owns.
+    let local = (|| {
+        let shifts: Vec<(f32, f32)> = (0..nl)
+            .map(|li| {
+                if layers[li].excluded || eig {
+                    Ok((0.0, 0.0))
+                } else {
+                    inverse_shifts(
+                        &layers[li].name,
+                        factor_of(2 * li),
+                        factor_of(2 * li + 1),
+                        cfg,
+                        plan.damping,
+                    )
+                }
+            })
+            .collect::<Result<_>>()?;
+        let tasks: Vec<usize> = (0..2 * nl)
+            .filter(|&t| !layers[t / 2].excluded && roles.owns(t))
+            .collect();
+        let threads = ctx.pool.current_num_threads();
+        let mine: Vec<(usize, FactorInv)> = ctx.pool.install(|| {
+            tasks
+                .par_iter()
+                .map(|&t| {
+                    let li = t / 2;
+                    let shift = if t % 2 == 0 {
+                        shifts[li].0
+                    } else {
+                        shifts[li].1
+                    };
+                    let th = if tasks.len() == 1 { threads } else { 1 };
+                    invert_one(&layers[li].name, factor_of(t), cfg, shift, th).map(|r| (t, r))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mut results: Vec<Option<FactorInv>> = (0..2 * nl).map(|_| None).collect();
+        for (t, r) in mine {
+            results[t] = Some(r);
+        }
+        Ok(results)
+    })();
+    let mut results = ex.settle(local)?;
+
+    // Exchange: each factor from its owner to the members of its group.
+    for (t, slot) in results.iter_mut().enumerate() {
+        let li = t / 2;
+        if layers[li].excluded {
+            continue;
+        }
+        let f = factor_of(t);
+        let len = distributed::inv_len(f, eig);
+        let mut received = None;
+        ex.share(
+            len,
+            roles.owner(t),
+            roles.member(li),
+            || {
+                slot.as_ref()
+                    .map(distributed::inv_to_vec)
+                    .unwrap_or_default()
+            },
+            |v| {
+                received = Some(distributed::inv_from_vec(f, eig, v));
+                Ok(())
+            },
+        )?;
+        if received.is_some() {
+            *slot = received;
+        }
+    }
+
+    // Local: the caches of the layers this rank preconditions.
+    let mut it = results.into_iter();
+    let local: Result<Vec<Option<InverseCache>>> = (0..nl)
+        .map(|li| {
+            let (a, g) = (it.next().flatten(), it.next().flatten());
+            match (a, g) {
+                (Some(a), Some(g)) if roles.member(li) => {
+                    assemble(&layers[li].name, a, g, cfg, plan.damping).map(Some)
+                }
+                _ => Ok(None),
+            }
+        })
+        .collect();
+    ex.settle(local)
+}
+
+/// Eigendecomposition of a dense factor in the configured precision.
+fn eig(name: &str, m: &Mat<f32>, precision: Precision, par: Par) -> Result<(Mat<f32>, Vec<f32>)> {
+    let n = m.nrows();
+    match precision {
+        Precision::F32 => {
+            let mut q = Mat::<f32>::zeros(n, n);
+            let mut l = vec![0.0f32; n];
+            let mut buf = MemBuffer::new(eigen::sym_eigen_scratch::<f32>(n, par));
+            eigen::sym_eigen(m.as_ref(), &mut l, q.as_mut(), par, MemStack::new(&mut buf))
+                .map_err(kerr(name))?;
+            Ok((q, l))
+        }
+        Precision::F64 => {
+            let w = Mat::<f64>::from_fn(n, n, |i, j| m[(i, j)] as f64);
+            let mut q = Mat::<f64>::zeros(n, n);
+            let mut l = vec![0.0f64; n];
+            let mut buf = MemBuffer::new(eigen::sym_eigen_scratch::<f64>(n, par));
+            eigen::sym_eigen(w.as_ref(), &mut l, q.as_mut(), par, MemStack::new(&mut buf))
+                .map_err(kerr(name))?;
+            Ok((
+                Mat::from_fn(n, n, |i, j| q[(i, j)] as f32),
+                l.into_iter().map(|v| v as f32).collect(),
+            ))
+        }
+    }
+}
+
+fn par_for(threads: usize) -> Par {
+    if threads > 1 {
+        Par::rayon(threads)
+    } else {
+        Par::Seq
+    }
+}
+
+/// The diagonal shifts `(A, G)` of the inverse method: factored Tikhonov
+/// (native) or the full damping on each factor (kfac-pytorch).
+fn inverse_shifts(
+    name: &str,
+    a: &Factor,
+    g: &Factor,
+    cfg: &Config,
+    damping: f64,
+) -> Result<(f32, f32)> {
+    let d32 = damping as f32;
+    let Factor::Dense(gm) = g else {
+        unreachable_diag()
+    };
+    match cfg.compat {
+        Compat::KfacPytorch => Ok((d32, d32)),
+        Compat::Native => {
+            let fd = match a {
+                Factor::Dense(am) => {
+                    inverse::factored_damping(am.as_ref(), gm.as_ref(), d32).map_err(kerr(name))?
+                }
+                Factor::Diag(dv) => {
+                    // tr A / dim A for a diagonal A, as a 1x1 matrix.
+                    let mean = dv.iter().map(|&v| v as f64).sum::<f64>() / dv.len().max(1) as f64;
+                    let one = Mat::<f32>::from_fn(1, 1, |_, _| mean as f32);
+                    let tg = (0..gm.nrows()).map(|i| gm[(i, i)] as f64).sum::<f64>()
+                        / gm.nrows().max(1) as f64;
+                    let gone = Mat::<f32>::from_fn(1, 1, |_, _| tg as f32);
+                    inverse::factored_damping(one.as_ref(), gone.as_ref(), d32)
+                        .map_err(kerr(name))?
+                }
+            };
+            Ok((fd.a, fd.g))
+        }
+    }
+}
+
+/// Decomposes or inverts one factor (`shift` is used by the inverse method).
+fn invert_one(
+    name: &str,
+    f: &Factor,
+    cfg: &Config,
+    shift: f32,
+    threads: usize,
+) -> Result<FactorInv> {
+    // faer's eigh/Cholesky slow down with a second thread below ~512.
+    let par = |d: usize| par_for(if d > 512 { threads } else { 1 });
+    match (cfg.method, f) {
+        (Method::Eigen, Factor::Dense(m)) => {
+            let (q, l) = eig(name, m, cfg.eigen_precision, par(m.nrows()))?;
+            Ok(FactorInv::Eigen { q: Some(q), l })
+        }
+        (Method::Eigen, Factor::Diag(d)) => Ok(FactorInv::Eigen {
+            q: None,
+            l: d.iter().map(|&v| v.max(0.0)).collect(),
+        }),
+        (Method::Inverse, Factor::Dense(m)) => {
+            let d = m.nrows();
+            let mut inv = Mat::<f32>::zeros(d, d);
+            let mut buf = MemBuffer::new(inverse::damped_inverse_scratch::<f32>(d, par(d)));
+            inverse::damped_inverse(
+                inv.as_mut(),
+                m.as_ref(),
+                shift,
+                par(d),
+                MemStack::new(&mut buf),
+            )
+            .map_err(kerr(name))?;
+            Ok(FactorInv::Inv(Factor::Dense(inv)))
+        }
+        (Method::Inverse, Factor::Diag(dv)) => {
+            let mut out = Vec::with_capacity(dv.len());
+            for (i, &v) in dv.iter().enumerate() {
+                let s = v + shift;
+                if s.is_nan() || s <= 0.0 {
+                    return Err(Error::Kernel {
+                        layer: Some(name.to_string()),
+                        source: kfac_kernels::Error::NotPositiveDefinite {
+                            what: "damped diagonal factor",
+                            pivot: i,
+                            dim: dv.len(),
+                        },
+                    });
+                }
+                out.push(1.0 / s);
+            }
+            Ok(FactorInv::Inv(Factor::Diag(out)))
+        }
+    }
+}
+
+/// Builds a layer's inverse cache from its two factor results (and the
+/// precomputed denominators when configured).
+fn assemble(
+    name: &str,
+    a: FactorInv,
+    g: FactorInv,
+    cfg: &Config,
+    damping: f64,
+) -> Result<InverseCache> {
+    match (a, g) {
+        (FactorInv::Eigen { q: qa, l: la }, FactorInv::Eigen { q: Some(qg), l: lg }) => {
+            let denom = if cfg.precompute_denominators {
+                let mut d = Mat::<f32>::zeros(lg.len(), la.len());
+                eigen::eigen_inverse_denominators(d.as_mut(), &lg, &la, damping as f32)
+                    .map_err(kerr(name))?;
+                Some(d)
+            } else {
+                None
+            };
+            Ok(InverseCache::Eigen {
+                qa,
+                la,
+                qg,
+                lg,
+                denom,
+            })
+        }
+        (FactorInv::Inv(a_inv), FactorInv::Inv(Factor::Dense(g_inv))) => {
+            Ok(InverseCache::Inverse { a_inv, g_inv })
+        }
+        _ => Err(Error::mismatch(name, "inconsistent factor results".into())),
+    }
+}

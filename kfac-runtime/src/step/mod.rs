@@ -1,0 +1,142 @@
+//! `Preconditioner::step` as a sequence of phases, each in its own module:
+//!
+//! | phase | computes (locally) | then exchanges |
+//! |---|---|---|
+//! | [`plan`] | due updates, damping, lr, `xi`; factor owners and gradient-worker groups | — |
+//! | [`validate`] | the gradients' shapes and values; observations present | agreement: every rank's verdict and configuration digest |
+//! | [`factors`] | new factors `xi F + (1 - xi) acc / weight` | statistics summed first (one collective); status round |
+//! | [`invert`] | decompositions / inverses of the factors this rank owns | status round; each result to its layer's group; status round |
+//! | [`precondition`] | `V` for the layers of this rank's groups | status round; `V` from each lead to the ranks outside its group |
+//! | [`clip`] | KL-clipping factor `nu` | — |
+//! | [`commit`] | writes the new state and `nu V` over the gradients | — |
+//!
+//! Every collective goes through [`Exchange`], which does nothing for a
+//! world of one, so the phases have no single-process special cases, and
+//! which makes every rank fail together (see `exchange`). Nothing is
+//! written before `commit`: an error leaves the state and the caller's
+//! gradients untouched.
+
+mod clip;
+mod commit;
+mod factors;
+mod invert;
+mod plan;
+mod precondition;
+mod validate;
+
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::distributed;
+use crate::exchange::Exchange;
+use crate::layer::LayerGrad;
+use crate::preconditioner::Preconditioner;
+use crate::state::LayerState;
+use crate::stats::{StageTimes, StepStats};
+use crate::Result;
+use commit::Outcome;
+
+/// What the phases read.
+pub(crate) struct Ctx<'a> {
+    pub(crate) layers: &'a [LayerState],
+    pub(crate) cfg: &'a Config,
+    pub(crate) pool: &'a rayon::ThreadPool,
+}
+
+/// Wall time of `f` minus the communication time it spent.
+fn timed<T>(ex: &mut Exchange<'_>, f: impl FnOnce(&mut Exchange<'_>) -> T) -> (T, Duration) {
+    let (t0, c0) = (Instant::now(), ex.traffic.time);
+    let out = f(ex);
+    let comm = ex.traffic.time.saturating_sub(c0);
+    (out, t0.elapsed().saturating_sub(comm))
+}
+
+/// One step (see [`Preconditioner::step`] for the contract).
+pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result<StepStats> {
+    let t_start = Instant::now();
+    let plan = plan::Plan::new(
+        &p.config,
+        p.factor_update_due(),
+        p.inverse_update_due(),
+        p.damping(),
+        p.lr(),
+        p.factor_updates,
+    );
+    let pre_step_comm = std::mem::take(&mut p.comm_time);
+    let t_observe = std::mem::take(&mut p.observe_time);
+    let mut ex = Exchange::new(&mut *p.comm);
+    let ctx = Ctx {
+        layers: &p.layers,
+        cfg: &p.config,
+        pool: &p.pool,
+    };
+    let roles = plan::Roles::new(
+        ctx.layers,
+        ctx.cfg.grad_worker_fraction,
+        ex.world(),
+        ex.rank(),
+    );
+
+    let outcome: Result<(Outcome, [Duration; 3])> = (|| {
+        let local = validate::gradients(ctx.layers, grads, plan.factor_due);
+        let index = ex.agree(local, || distributed::digest(ctx.cfg, ctx.layers))?;
+        let (new_factors, t_factor) = timed(&mut ex, |ex| factors::run(&ctx, &plan, ex));
+        let new_factors = new_factors?;
+        let (new_inv, t_inv) = timed(&mut ex, |ex| {
+            invert::run(&ctx, &plan, &roles, &new_factors, ex)
+        });
+        let new_inv = new_inv?;
+        let (results, t_prec) = timed(&mut ex, |ex| {
+            precondition::run(&ctx, &roles, plan.damping, &new_inv, grads, &index, ex)
+        });
+        let results = results?;
+        let (clipped, t_clip) = timed(&mut ex, |_| clip::run(&results, ctx.cfg.kl_clip, plan.lr));
+        let (vg, nu) = clipped?;
+        let outcome = Outcome {
+            index,
+            new_factors,
+            new_inv,
+            results,
+            vg,
+            nu,
+        };
+        Ok((outcome, [t_factor, t_inv, t_prec + t_clip]))
+    })();
+    let traffic = ex.traffic;
+    let (outcome, [t_factor, t_inv, t_prec]) = outcome?;
+    let (vg, nu) = (outcome.vg, outcome.nu);
+    commit::run(&mut p.layers, outcome, plan.inv_due, grads);
+    if plan.factor_due {
+        p.factor_updates += 1;
+    }
+    p.steps += 1;
+    let stats = StepStats {
+        step: p.steps - 1,
+        factors_updated: plan.factor_due,
+        inverses_updated: plan.inv_due,
+        kl_scale: nu,
+        vg_sum: vg,
+        damping: plan.damping,
+        lr: plan.lr,
+        times: StageTimes {
+            factor_update: t_factor + t_observe,
+            inversion: t_inv,
+            preconditioning: t_prec,
+            communication: traffic.time + pre_step_comm,
+            total: t_start.elapsed() + t_observe,
+        },
+        bytes_sent: traffic.bytes_sent,
+        bytes_received: traffic.bytes_received,
+        state_bytes: p.state_bytes(),
+    };
+    log::debug!(
+        "kfac: step {} factors={} inverses={} nu={:.4} times {:?}",
+        stats.step,
+        plan.factor_due,
+        plan.inv_due,
+        nu,
+        stats.times
+    );
+    p.last = Some(stats.clone());
+    Ok(stats)
+}

@@ -1,0 +1,240 @@
+//! Phase "precondition": the members of each layer's gradient-worker group
+//! compute `V` (the preconditioned gradient, bias folded in as the last
+//! column) and `<V, grad>` into per-layer buffers, one rayon task per
+//! layer. After a status round, when the gradient-worker fraction is below
+//! one, each layer's lead sends `V` to the ranks outside the group (which
+//! compute their own `<V, grad>`); group members keep what they computed
+//! (the same bits: same inputs, same kernels). Each rank gets every layer's
+//! `V` exactly once.
+
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::matmul::matmul;
+use faer::prelude::Reborrow;
+use faer::{Accum, Mat, MatRef, Par};
+use kfac_kernels::{eigen, inverse, kl};
+use rayon::prelude::*;
+
+use crate::exchange::Exchange;
+use crate::layer::{LayerGrad, LayerKind};
+use crate::state::{Factor, InverseCache, LayerState};
+use crate::{Error, Result};
+
+use super::plan::Roles;
+use super::Ctx;
+
+fn kerr(layer: &str) -> impl FnOnce(kfac_kernels::Error) -> Error + '_ {
+    Error::kernel(layer)
+}
+
+/// A layer's preconditioned gradient `V` (`d_out x d`) and `<V, grad>`.
+pub(crate) type Preconditioned = (Mat<f32>, f64);
+
+pub(crate) fn run(
+    ctx: &Ctx<'_>,
+    roles: &Roles,
+    damping: f64,
+    new_inv: &[Option<InverseCache>],
+    grads: &[LayerGrad<'_>],
+    index: &[Option<usize>],
+    ex: &mut Exchange<'_>,
+) -> Result<Vec<Option<Preconditioned>>> {
+    let layers = ctx.layers;
+    let view = |li: usize| index[li].map(|gi| (grads[gi].weight.rb(), grads[gi].bias.as_deref()));
+    let local: Result<Vec<Option<Preconditioned>>> = ctx.pool.install(|| {
+        layers
+            .par_iter()
+            .enumerate()
+            .zip(new_inv.par_iter())
+            .map(|((li, l), ni)| {
+                if l.excluded || !roles.member(li) {
+                    return Ok(None);
+                }
+                let Some((w, b)) = view(li) else {
+                    return Ok(None);
+                };
+                let cache = match (ni, &l.inv) {
+                    (Some(c), _) | (None, Some(c)) => c,
+                    (None, None) => {
+                        return Err(Error::MissingObservation {
+                            layer: l.name.clone(),
+                        });
+                    }
+                };
+                precondition(l, cache, w, b, damping).map(Some)
+            })
+            .collect()
+    });
+    let mut results = ex.settle(local)?;
+    if roles.everyone_preconditions() {
+        return Ok(results);
+    }
+    for (li, l) in layers.iter().enumerate() {
+        if l.excluded {
+            continue;
+        }
+        let (d_out, d) = l.kind.dims();
+        let mine = &results[li];
+        let mut received = None;
+        ex.share(
+            d_out * d,
+            roles.lead(li),
+            !roles.member(li),
+            || {
+                mine.as_ref()
+                    .map(|(v, _)| v.col_iter().flat_map(|c| c.iter().copied()).collect())
+                    .unwrap_or_default()
+            },
+            |flat| {
+                let v = Mat::from_fn(d_out, d, |i, j| flat[i + j * d_out]);
+                let (w, b) = view(li).ok_or_else(|| Error::MissingGradient {
+                    layer: l.name.clone(),
+                })?;
+                let raw = gather(&l.kind, w, b);
+                let dot =
+                    kl::frobenius_dot(v.as_ref(), raw.as_ref()).map_err(kerr(&l.name))? as f64;
+                received = Some((v, dot));
+                Ok(())
+            },
+        )?;
+        if received.is_some() {
+            results[li] = received;
+        }
+    }
+    Ok(results)
+}
+
+/// The internal `d_out x d` gradient (bias as the last column) of a layer.
+fn gather(kind: &LayerKind, w: MatRef<'_, f32>, b: Option<&[f32]>) -> Mat<f32> {
+    let (d_out, d) = kind.dims();
+    match kind {
+        LayerKind::Embedding { .. } => Mat::from_fn(d_out, d, |i, j| w[(j, i)]),
+        _ => {
+            let (_, wc) = kind.weight_shape();
+            let mut m = Mat::<f32>::zeros(d_out, d);
+            m.as_mut().submatrix_mut(0, 0, d_out, wc).copy_from(w);
+            if let Some(b) = b {
+                for (i, &v) in b.iter().enumerate() {
+                    m[(i, wc)] = v;
+                }
+            }
+            m
+        }
+    }
+}
+
+/// Preconditions one layer's gradient; returns `V` and `<V, grad>`.
+fn precondition(
+    l: &LayerState,
+    cache: &InverseCache,
+    w: MatRef<'_, f32>,
+    b: Option<&[f32]>,
+    damping: f64,
+) -> Result<(Mat<f32>, f64)> {
+    let name = &l.name;
+    let raw = gather(&l.kind, w, b);
+    let mut v = raw.clone();
+    let (d_out, d) = (v.nrows(), v.ncols());
+    let par = Par::Seq;
+    match cache {
+        InverseCache::Eigen {
+            qa,
+            la,
+            qg,
+            lg,
+            denom,
+        } => match qa {
+            Some(qa) => {
+                let mut buf =
+                    MemBuffer::new(eigen::precondition_eigen_scratch::<f32>(d_out, d, par));
+                let stack = MemStack::new(&mut buf);
+                match denom {
+                    Some(den) => eigen::precondition_eigen_precomputed(
+                        v.as_mut(),
+                        qg.as_ref(),
+                        qa.as_ref(),
+                        den.as_ref(),
+                        par,
+                        stack,
+                    ),
+                    None => eigen::precondition_eigen(
+                        v.as_mut(),
+                        qg.as_ref(),
+                        lg,
+                        qa.as_ref(),
+                        la,
+                        damping as f32,
+                        par,
+                        stack,
+                    ),
+                }
+                .map_err(kerr(name))?;
+            }
+            None => {
+                // Diagonal A: Q_A = I.
+                let mut t = Mat::<f32>::zeros(d_out, d);
+                matmul(
+                    t.as_mut(),
+                    Accum::Replace,
+                    qg.transpose(),
+                    raw.as_ref(),
+                    1.0,
+                    par,
+                );
+                for j in 0..d {
+                    for i in 0..d_out {
+                        let s = match denom {
+                            Some(den) => den[(i, j)],
+                            None => 1.0 / (lg[i] * la[j] + damping as f32),
+                        };
+                        t[(i, j)] *= s;
+                    }
+                }
+                matmul(
+                    v.as_mut(),
+                    Accum::Replace,
+                    qg.as_ref(),
+                    t.as_ref(),
+                    1.0,
+                    par,
+                );
+            }
+        },
+        InverseCache::Inverse { a_inv, g_inv } => match a_inv {
+            Factor::Dense(ai) => {
+                let mut buf =
+                    MemBuffer::new(inverse::precondition_inverse_scratch::<f32>(d_out, d, par));
+                inverse::precondition_inverse(
+                    v.as_mut(),
+                    g_inv.as_ref(),
+                    ai.as_ref(),
+                    par,
+                    MemStack::new(&mut buf),
+                )
+                .map_err(kerr(name))?;
+            }
+            Factor::Diag(ai) => {
+                matmul(
+                    v.as_mut(),
+                    Accum::Replace,
+                    g_inv.as_ref(),
+                    raw.as_ref(),
+                    1.0,
+                    par,
+                );
+                for j in 0..d {
+                    for i in 0..d_out {
+                        v[(i, j)] *= ai[j];
+                    }
+                }
+            }
+        },
+    }
+    let dot = kl::frobenius_dot(v.as_ref(), raw.as_ref()).map_err(kerr(name))? as f64;
+    if !dot.is_finite() || !v.col_iter().all(|c| c.iter().all(|x| x.is_finite())) {
+        return Err(Error::non_finite(
+            name,
+            "the preconditioned gradient (damping too small for these factors?)".into(),
+        ));
+    }
+    Ok((v, dot))
+}
