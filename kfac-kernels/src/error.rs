@@ -87,6 +87,15 @@ pub enum Error {
         /// Which size.
         what: &'static str,
     },
+    /// An index argument (e.g. a token id) is outside its range.
+    IndexOutOfRange {
+        /// Which argument.
+        what: &'static str,
+        /// The index passed.
+        index: usize,
+        /// The length it must be below.
+        len: usize,
+    },
 }
 
 impl fmt::Display for Error {
@@ -130,6 +139,9 @@ impl fmt::Display for Error {
                 "scratch stack too small: {required_bytes} bytes required, {available_bytes} available"
             ),
             Error::SizeOverflow { what } => write!(f, "{what}: size overflows usize"),
+            Error::IndexOutOfRange { what, index, len } => {
+                write!(f, "{what}: index {index} is out of range (length {len})")
+            }
         }
     }
 }

@@ -41,6 +41,8 @@
 //! * `vec` stacks columns, `(A ⊗ B) vec(X) = vec(B X A^T)` — [`kron`];
 //! * KL clipping: `nu = min(1, sqrt(kl_clip / |lr^2 Σ_l <V_l, grad_l>|))`,
 //!   `nu = 1` when the sum is 0 — [`kl`];
+//! * input validation done once, with proof types that let kernels skip
+//!   their own NaN/Inf scan — [`check`];
 //! * packed lower triangles (column by column) and bf16/f16 wire formats —
 //!   [`packed`].
 //!
@@ -75,7 +77,7 @@
 
 extern crate alloc;
 
-mod check;
+pub mod check;
 pub mod conv;
 pub mod eigen;
 mod error;
