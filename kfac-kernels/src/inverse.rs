@@ -267,8 +267,8 @@ pub fn damped_inverse_diag<T: Real>(out: &mut [T], d: &[T], shift: T) -> Result<
     check::nonneg_param("damping shift", shift)?;
     for (i, &v) in d.iter().enumerate() {
         let s = v + shift;
-        // `!(s > 0)` is "NaN or <= 0".
-        if !(s > T::ZERO) {
+        // NaN or <= 0 (the runtime's test).
+        if s.partial_cmp(&T::ZERO) != Some(core::cmp::Ordering::Greater) {
             return Err(Error::NotPositiveDefinite {
                 what: "damped diagonal factor",
                 pivot: i,

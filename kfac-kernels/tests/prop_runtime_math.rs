@@ -15,6 +15,9 @@
 //!
 //! Self-contained on purpose (no shared `tests/common`).
 
+// The references are plain index loops on purpose.
+#![allow(clippy::needless_range_loop)]
+
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};

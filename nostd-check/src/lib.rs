@@ -208,7 +208,15 @@ fn run<T: Real>() -> Result<(), kfac_kernels::Error> {
     let dot = kl::frobenius_dot(grad.as_ref(), y.as_ref())?;
     let _ = kl::kl_clip_scale(dot, T::from_f64(0.1), T::from_f64(0.001))?;
 
-    runtime_math::<T>(a.as_ref(), gf.as_ref(), x.as_ref(), &img, &gout, &geom, (oh, ow))?;
+    runtime_math::<T>(
+        a.as_ref(),
+        gf.as_ref(),
+        x.as_ref(),
+        &img,
+        &gout,
+        &geom,
+        (oh, ow),
+    )?;
     Ok(())
 }
 
@@ -230,8 +238,21 @@ fn runtime_math<T: Real>(
     check::finite_slice("slice", img)?;
     let xc = check::finite_matrix("activations", x)?;
     let mut c = Mat::<T>::zeros(da, da);
-    let mut buf = MemBuffer::new(factor::syrk_update_scratch::<T>(x.nrows(), x.ncols(), true, par));
-    factor::syrk_update_prechecked(c.as_mut(), T::ZERO, T::ONE, xc, true, par, MemStack::new(&mut buf))?;
+    let mut buf = MemBuffer::new(factor::syrk_update_scratch::<T>(
+        x.nrows(),
+        x.ncols(),
+        true,
+        par,
+    ));
+    factor::syrk_update_prechecked(
+        c.as_mut(),
+        T::ZERO,
+        T::ONE,
+        xc,
+        true,
+        par,
+        MemStack::new(&mut buf),
+    )?;
     let k = geom.patch_len()? + 1;
     let mut ca = Mat::<T>::zeros(k, k);
     let mut cbuf = MemBuffer::new(conv::conv2d_a_update_scratch::<T>(geom, true)?);
@@ -249,7 +270,14 @@ fn runtime_math<T: Real>(
     )?;
     let go = check::finite_image(ImageRef::nchw(gout, 2, 4, oh, ow)?)?;
     let mut cg = Mat::<T>::zeros(4, 4);
-    conv::conv2d_g_update_prechecked(cg.as_mut(), T::ZERO, T::ONE, go, ConvNormalization::Kfc, par)?;
+    conv::conv2d_g_update_prechecked(
+        cg.as_mut(),
+        T::ZERO,
+        T::ONE,
+        go,
+        ConvNormalization::Kfc,
+        par,
+    )?;
 
     // accumulation and running average
     let mut acc = Mat::<T>::zeros(da, da);
@@ -273,7 +301,9 @@ fn runtime_math<T: Real>(
         eigen::sym_eigen_scratch::<T>(dout, par)
             .or(eigen::precondition_eigen_diag_a_scratch::<T>(dout, 5, par))
             .or(inverse::damped_inverse_scratch::<T>(dout, par))
-            .or(inverse::precondition_inverse_diag_a_scratch::<T>(dout, 5, par)),
+            .or(inverse::precondition_inverse_diag_a_scratch::<T>(
+                dout, 5, par,
+            )),
     );
     let st = MemStack::new(&mut ebuf);
     eigen::sym_eigen(gf, &mut lg, qg.as_mut(), par, st)?;
