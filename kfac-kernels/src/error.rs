@@ -8,7 +8,11 @@ pub type Result<T> = core::result::Result<T, Error>;
 /// Why a kernel refused its arguments or could not finish.
 ///
 /// Every kernel validates all of its arguments before it writes anything, so
-/// an `Err` means every output is exactly as it was before the call.
+/// an `Err` means every output is exactly as it was before the call. The one
+/// exception is documented where it applies: the running-average blends
+/// ([`blend_lower_to_full`](crate::factor::blend_lower_to_full),
+/// [`blend_diag`](crate::factor::blend_diag)) report a non-finite *result*
+/// after writing it into the caller's scratch output.
 ///
 /// ```
 /// use kfac_kernels::Error;
