@@ -1,11 +1,102 @@
-//! Argument validation shared by the kernels (crate-private).
+//! Input validation: the public finiteness checks a caller runs once per
+//! input, the proof types they return, and the argument checks the kernels
+//! share (crate-private).
 //!
-//! Every public kernel calls these before it writes anything, so that an
-//! error leaves all outputs untouched.
+//! Every public kernel validates its arguments before it writes anything, so
+//! an error leaves all outputs untouched. A caller that has to validate an
+//! input itself anyway (the runtime checks every observation before it
+//! touches any state) can do it here, once: [`finite_matrix`] and
+//! [`finite_image`] return a [`FiniteMat`] / [`FiniteImage`], a borrow of the
+//! checked data that can only be made by these functions. The `*_prechecked`
+//! kernels ([`syrk_update_prechecked`](crate::factor::syrk_update_prechecked),
+//! [`conv2d_a_update_prechecked`](crate::conv::conv2d_a_update_prechecked),
+//! [`conv2d_g_update_prechecked`](crate::conv::conv2d_g_update_prechecked))
+//! take the proof instead of the raw view and skip their own NaN/Inf scan.
+//! The proof holds a shared borrow, so the data cannot change while it
+//! exists: the unchecked path is unreachable with unvalidated data.
+//!
+//! Errors report the first offending entry as [`Error::NonFinite`] with its
+//! position.
+//!
+//! ```
+//! use faer::Mat;
+//! use kfac_kernels::{check, Error};
+//! let mut x = Mat::<f32>::from_fn(3, 2, |i, j| (i + j) as f32);
+//! let ok = check::finite_matrix("activations", x.as_ref()).unwrap();
+//! assert_eq!(ok.get().nrows(), 3);
+//! x[(2, 1)] = f32::NAN;
+//! assert_eq!(
+//!     check::finite_matrix("activations", x.as_ref()).unwrap_err(),
+//!     Error::NonFinite { what: "activations", row: 2, col: 1 }
+//! );
+//! assert!(check::finite_slice("bias", &[1.0f64, f64::INFINITY]).is_err());
+//! ```
 
+use crate::conv::ImageRef;
 use crate::{Error, Real, Result};
 use faer::dyn_stack::{MemStack, StackReq};
 use faer::{MatMut, MatRef};
+
+/// A matrix view every entry of which is finite: a proof made only by
+/// [`finite_matrix`]. It borrows the data (shared), so the data cannot change
+/// while the proof exists. `Copy`; [`get`](Self::get) returns the view.
+#[derive(Clone, Copy, Debug)]
+pub struct FiniteMat<'a, T> {
+    m: MatRef<'a, T>,
+}
+
+impl<'a, T> FiniteMat<'a, T> {
+    /// The checked view.
+    #[inline]
+    pub fn get(self) -> MatRef<'a, T> {
+        self.m
+    }
+}
+
+/// A 4-D tensor view every addressed entry of which is finite: a proof made
+/// only by [`finite_image`]. It borrows the data (shared), so the data cannot
+/// change while the proof exists. [`get`](Self::get) returns the view.
+#[derive(Clone, Copy, Debug)]
+pub struct FiniteImage<'a, T> {
+    img: ImageRef<'a, T>,
+}
+
+impl<'a, T> FiniteImage<'a, T> {
+    /// The checked view.
+    #[inline]
+    pub fn get(self) -> ImageRef<'a, T> {
+        self.img
+    }
+}
+
+/// Checks that every entry of `m` (any strides) is finite and returns the
+/// proof of it.
+///
+/// A branch-free pass over unit-stride columns (or rows) runs first; the
+/// locating scan runs only when it finds a bad entry.
+///
+/// # Errors
+/// [`Error::NonFinite`] with `what` and the (row, column) of the first NaN or
+/// infinity (column by column when columns are contiguous, else row by row).
+pub fn finite_matrix<'a, T: Real>(
+    what: &'static str,
+    m: MatRef<'a, T>,
+) -> Result<FiniteMat<'a, T>> {
+    finite(what, m)?;
+    Ok(FiniteMat { m })
+}
+
+/// Checks that every entry of a 4-D tensor view is finite and returns the
+/// proof of it. Dense NCHW/NHWC tensors are scanned linearly.
+///
+/// # Errors
+/// [`Error::NonFinite`]: for a dense tensor `row` is the flat index of the
+/// first bad value (`col` is 0); otherwise `(row, col)` is its
+/// `(sample, channel)`.
+pub fn finite_image<T: Real>(img: ImageRef<'_, T>) -> Result<FiniteImage<'_, T>> {
+    crate::conv::check_image_finite(&img)?;
+    Ok(FiniteImage { img })
+}
 
 pub(crate) fn shape<T>(
     what: &'static str,
@@ -135,7 +226,15 @@ pub(crate) fn finite_lower<T: Real>(what: &'static str, m: MatRef<'_, T>) -> Res
     Ok(())
 }
 
-pub(crate) fn finite_slice<T: Real>(what: &'static str, s: &[T]) -> Result<()> {
+/// Checks that every value of `s` is finite.
+///
+/// # Errors
+/// [`Error::NonFinite`] with `what`, `row` the index of the first NaN or
+/// infinity and `col` 0.
+pub fn finite_slice<T: Real>(what: &'static str, s: &[T]) -> Result<()> {
+    if all_finite(s) {
+        return Ok(());
+    }
     match s.iter().position(|x| !x.is_finite_val()) {
         Some(i) => Err(Error::NonFinite {
             what,

@@ -373,10 +373,76 @@ pub fn conv2d_a_update_scratch<T: Real>(geom: &Conv2dGeometry, bias: bool) -> Re
 /// untouched on error.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_a_update<T: Real>(
+    a: MatMut<'_, T>,
+    alpha: T,
+    beta: T,
+    input: ImageRef<'_, T>,
+    geom: &Conv2dGeometry,
+    bias: bool,
+    norm: ConvNormalization,
+    par: Par,
+    stack: &mut MemStack,
+) -> Result<()> {
+    conv2d_a_update_impl(a, alpha, beta, input, false, geom, bias, norm, par, stack)
+}
+
+/// [`conv2d_a_update`] on an input already proven finite by
+/// [`check::finite_image`]: the same result, bit for bit, without the second
+/// NaN/Inf scan of the input.
+///
+/// ```
+/// use faer::{Mat, Par};
+/// use faer::dyn_stack::{MemBuffer, MemStack};
+/// use kfac_kernels::{check, conv::*};
+/// let data = vec![1.0f32; 2 * 4 * 4];
+/// let img = ImageRef::nchw(&data, 1, 2, 4, 4).unwrap();
+/// let geom = Conv2dGeometry::new(1, 2, 4, 4, 3, 3);
+/// let k = geom.patch_len().unwrap();
+/// let mut a = Mat::<f32>::zeros(k, k);
+/// let mut buf = MemBuffer::new(conv2d_a_update_scratch::<f32>(&geom, false).unwrap());
+/// let img = check::finite_image(img).unwrap();
+/// conv2d_a_update_prechecked(a.as_mut(), 0.0, 1.0, img, &geom, false,
+///     ConvNormalization::Kfc, Par::Seq, MemStack::new(&mut buf)).unwrap();
+/// assert_eq!(a[(4, 4)], 1.0); // the centre tap is never padding
+/// ```
+///
+/// # Errors
+/// As [`conv2d_a_update`], except [`Error::NonFinite`].
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_a_update_prechecked<T: Real>(
+    a: MatMut<'_, T>,
+    alpha: T,
+    beta: T,
+    input: check::FiniteImage<'_, T>,
+    geom: &Conv2dGeometry,
+    bias: bool,
+    norm: ConvNormalization,
+    par: Par,
+    stack: &mut MemStack,
+) -> Result<()> {
+    conv2d_a_update_impl(
+        a,
+        alpha,
+        beta,
+        input.get(),
+        true,
+        geom,
+        bias,
+        norm,
+        par,
+        stack,
+    )
+}
+
+/// [`conv2d_a_update`]; `prechecked` is true only when a
+/// [`check::FiniteImage`] proves `input` finite.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_a_update_impl<T: Real>(
     mut a: MatMut<'_, T>,
     alpha: T,
     beta: T,
     input: ImageRef<'_, T>,
+    prechecked: bool,
     geom: &Conv2dGeometry,
     bias: bool,
     norm: ConvNormalization,
@@ -403,7 +469,9 @@ pub fn conv2d_a_update<T: Real>(
             expected: "at least one patch",
         });
     }
-    check_image_finite(&input)?;
+    if !prechecked {
+        check_image_finite(&input)?;
+    }
     check::stack(stack, conv2d_a_update_scratch::<T>(geom, bias)?)?;
 
     let sf = T::from_usize(s);
@@ -456,7 +524,7 @@ pub fn conv2d_a_update<T: Real>(
     Ok(())
 }
 
-fn check_image_finite<T: Real>(img: &ImageRef<'_, T>) -> Result<()> {
+pub(crate) fn check_image_finite<T: Real>(img: &ImageRef<'_, T>) -> Result<()> {
     let [n, c, h, w] = img.dims;
     let dense_strides = [[c * h * w, h * w, w, 1], [h * w * c, 1, w * c, c]];
     if n * c * h * w == img.data.len() && dense_strides.contains(&img.strides) {
@@ -636,10 +704,49 @@ pub fn conv2d_g_update_scratch<T: Real>() -> StackReq {
 /// [`Error::NonFinite`], [`Error::InvalidParameter`] for non-finite
 /// `alpha`/`beta` or an empty batch. `g` is untouched on error.
 pub fn conv2d_g_update<T: Real>(
+    g: MatMut<'_, T>,
+    alpha: T,
+    beta: T,
+    grad_out: ImageRef<'_, T>,
+    norm: ConvNormalization,
+    par: Par,
+) -> Result<()> {
+    conv2d_g_update_impl(g, alpha, beta, grad_out, false, norm, par)
+}
+
+/// [`conv2d_g_update`] on output gradients already proven finite by
+/// [`check::finite_image`]: the same result, bit for bit, without the second
+/// NaN/Inf scan.
+///
+/// ```
+/// use faer::{Mat, Par};
+/// use kfac_kernels::{check, conv::*};
+/// let data = vec![2.0f64; 3 * 2 * 2];
+/// let gout = check::finite_image(ImageRef::nchw(&data, 1, 3, 2, 2).unwrap()).unwrap();
+/// let mut g = Mat::<f64>::zeros(3, 3);
+/// conv2d_g_update_prechecked(g.as_mut(), 0.0, 1.0, gout, ConvNormalization::Kfc, Par::Seq).unwrap();
+/// assert_eq!(g[(2, 0)], 16.0); // sum over 4 positions of 2*2, over n = 1
+/// ```
+///
+/// # Errors
+/// As [`conv2d_g_update`], except [`Error::NonFinite`].
+pub fn conv2d_g_update_prechecked<T: Real>(
+    g: MatMut<'_, T>,
+    alpha: T,
+    beta: T,
+    grad_out: check::FiniteImage<'_, T>,
+    norm: ConvNormalization,
+    par: Par,
+) -> Result<()> {
+    conv2d_g_update_impl(g, alpha, beta, grad_out.get(), true, norm, par)
+}
+
+fn conv2d_g_update_impl<T: Real>(
     mut g: MatMut<'_, T>,
     alpha: T,
     beta: T,
     grad_out: ImageRef<'_, T>,
+    prechecked: bool,
     norm: ConvNormalization,
     par: Par,
 ) -> Result<()> {
@@ -655,7 +762,9 @@ pub fn conv2d_g_update<T: Real>(
             expected: "at least one position",
         });
     }
-    check_image_finite(&grad_out)?;
+    if !prechecked {
+        check_image_finite(&grad_out)?;
+    }
     let sf = T::from_usize(s);
     let nf = T::from_usize(n);
     let scale = match norm {

@@ -8,7 +8,11 @@ pub type Result<T> = core::result::Result<T, Error>;
 /// Why a kernel refused its arguments or could not finish.
 ///
 /// Every kernel validates all of its arguments before it writes anything, so
-/// an `Err` means every output is exactly as it was before the call.
+/// an `Err` means every output is exactly as it was before the call. The one
+/// exception is documented where it applies: the running-average blends
+/// ([`blend_lower_to_full`](crate::factor::blend_lower_to_full),
+/// [`blend_diag`](crate::factor::blend_diag)) report a non-finite *result*
+/// after writing it into the caller's scratch output.
 ///
 /// ```
 /// use kfac_kernels::Error;
@@ -87,6 +91,15 @@ pub enum Error {
         /// Which size.
         what: &'static str,
     },
+    /// An index argument (e.g. a token id) is outside its range.
+    IndexOutOfRange {
+        /// Which argument.
+        what: &'static str,
+        /// The index passed.
+        index: usize,
+        /// The length it must be below.
+        len: usize,
+    },
 }
 
 impl fmt::Display for Error {
@@ -130,6 +143,9 @@ impl fmt::Display for Error {
                 "scratch stack too small: {required_bytes} bytes required, {available_bytes} available"
             ),
             Error::SizeOverflow { what } => write!(f, "{what}: size overflows usize"),
+            Error::IndexOutOfRange { what, index, len } => {
+                write!(f, "{what}: index {index} is out of range (length {len})")
+            }
         }
     }
 }

@@ -116,6 +116,45 @@ pub fn syrk_update<T: Real>(
     Ok(())
 }
 
+/// [`syrk_update`] on samples already proven finite by
+/// [`check::finite_matrix`]: the same result, bit for bit, without the second
+/// NaN/Inf scan of `x`.
+///
+/// ```
+/// use faer::{Mat, Par};
+/// use faer::dyn_stack::{MemBuffer, MemStack};
+/// use kfac_kernels::{check, factor};
+/// let x = Mat::<f32>::from_fn(4, 2, |i, j| (i + j) as f32);
+/// let x = check::finite_matrix("activations", x.as_ref()).unwrap();
+/// let mut c = Mat::<f32>::zeros(2, 2);
+/// let mut buf = MemBuffer::new(factor::syrk_update_scratch::<f32>(4, 2, false, Par::Seq));
+/// factor::syrk_update_prechecked(c.as_mut(), 0.0, 1.0, x, false, Par::Seq,
+///                                MemStack::new(&mut buf)).unwrap();
+/// assert_eq!(c[(1, 0)], 0.0 * 1.0 + 1.0 * 2.0 + 2.0 * 3.0 + 3.0 * 4.0);
+/// ```
+///
+/// # Errors
+/// As [`syrk_update`], except [`Error::NonFinite`].
+pub fn syrk_update_prechecked<T: Real>(
+    c: MatMut<'_, T>,
+    alpha: T,
+    beta: T,
+    x: check::FiniteMat<'_, T>,
+    bias: bool,
+    par: Par,
+    stack: &mut MemStack,
+) -> Result<()> {
+    let x = x.get();
+    let (n, d) = (x.nrows(), x.ncols());
+    let dim = factor_dim(d, bias);
+    check::shape_mut("factor C", &c, dim, dim)?;
+    check::finite_param("alpha", alpha)?;
+    check::finite_param("beta", beta)?;
+    check::stack(stack, syrk_update_scratch::<T>(n, d, bias, par))?;
+    syrk_update_unchecked(c, alpha, beta, x, bias, par, stack);
+    Ok(())
+}
+
 /// [`syrk_update`] after validation.
 pub(crate) fn syrk_update_unchecked<T: Real>(
     mut c: MatMut<'_, T>,
@@ -350,6 +389,267 @@ pub fn mirror_lower<T: Real>(mut c: MatMut<'_, T>) -> Result<()> {
             ib = ie;
         }
         jb = je;
+    }
+    Ok(())
+}
+
+/// The two coefficients of a running average over accumulated statistics,
+/// `(xi, c)` with `c = (1 - xi) / weight`, both computed in `f64` and then
+/// rounded to `T` once (the runtime's convention: `weight` is the number of
+/// samples, or micro-batches, summed into the accumulator).
+///
+/// ```
+/// let (xi, c) = kfac_kernels::factor::running_average_coefficients::<f32>(0.95, 32.0).unwrap();
+/// assert_eq!((xi, c), (0.95f64 as f32, ((1.0 - 0.95f64) / 32.0) as f32));
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] if `xi` is not finite, `weight` is not finite
+/// and `> 0`, or `c` is not finite in `T`.
+pub fn running_average_coefficients<T: Real>(xi: f64, weight: f64) -> Result<(T, T)> {
+    check::finite_param("decay xi", xi)?;
+    check::positive_param("accumulated weight", weight)?;
+    let c = T::from_f64((1.0 - xi) / weight);
+    let x = T::from_f64(xi);
+    check::finite_param("decay xi", x)?;
+    check::finite_param("running-average coefficient (1 - xi) / weight", c)?;
+    Ok((x, c))
+}
+
+/// Blends one column's contiguous lower part, returning whether every result
+/// is finite.
+#[inline]
+fn blend_slice<T: Real>(out: &mut [T], xi: T, f: &[T], c: T, acc: &[T]) -> bool {
+    T::simd_lin_comb(out, xi, f, c, acc);
+    check::all_finite(out)
+}
+
+/// First non-finite entry of the lower triangle, column by column.
+fn first_non_finite_lower<T: Real>(m: MatRef<'_, T>) -> (usize, usize) {
+    let n = m.nrows();
+    for j in 0..n {
+        for i in j..n {
+            if !m[(i, j)].is_finite_val() {
+                return (i, j);
+            }
+        }
+    }
+    (0, 0)
+}
+
+/// Running-average blend of a dense factor with an accumulated statistic,
+/// written as a full symmetric matrix:
+///
+/// `out[i, j] = out[j, i] = xi * f[i, j] + c * acc[i, j]` for `i >= j`,
+///
+/// evaluated exactly in that order (two separately rounded products, then
+/// one sum; never a fused multiply-add), so the result is bitwise equal to
+/// the scalar expression. With `(xi, c)` from
+/// [`running_average_coefficients`] this is `xi F + (1 - xi) acc / weight`.
+///
+/// * `out`: `n x n`, any strides; every entry is written.
+/// * `f`: `n x n`, the current factor; only its lower triangle is read.
+/// * `acc`: `n x n`, the accumulated statistic; only its lower triangle is
+///   read.
+///
+/// Column by column over contiguous storage, vectorized with pulp, then the
+/// cache-blocked mirror of [`mirror_lower`]. The result is checked as it is
+/// written: a factor that a contribution made non-finite is refused.
+///
+/// ```
+/// use faer::Mat;
+/// use kfac_kernels::factor::blend_lower_to_full;
+/// let f = Mat::<f32>::identity(2, 2);
+/// let acc = Mat::<f32>::from_fn(2, 2, |i, j| if i >= j { 4.0 } else { f32::NAN });
+/// let mut out = Mat::<f32>::zeros(2, 2);
+/// blend_lower_to_full(out.as_mut(), f.as_ref(), acc.as_ref(), 0.5, 0.25).unwrap();
+/// assert_eq!(out[(0, 0)], 1.5);
+/// assert_eq!(out[(0, 1)], 1.0); // mirrored from (1, 0); the upper `acc` is never read
+/// ```
+///
+/// # Errors
+/// [`Error::DimensionMismatch`] if `f` is not square or `acc`/`out` are not
+/// its shape, [`Error::InvalidParameter`] for non-finite `xi` or `c` — `out`
+/// is untouched in these cases. [`Error::NonFinite`] (what =
+/// `"blended factor"`, the first bad entry column by column) if a result is
+/// NaN or infinite (a non-finite input always gives one): this is detected
+/// while writing, so **`out` then holds unspecified values** (it is meant to
+/// be the caller's scratch); `f` and `acc` are never modified.
+pub fn blend_lower_to_full<T: Real>(
+    mut out: MatMut<'_, T>,
+    f: MatRef<'_, T>,
+    acc: MatRef<'_, T>,
+    xi: T,
+    c: T,
+) -> Result<()> {
+    let n = check::square("factor F", f)?;
+    check::shape("accumulated statistic", acc, n, n)?;
+    check::shape_mut("blended factor", &out, n, n)?;
+    check::finite_param("decay xi", xi)?;
+    check::finite_param("running-average coefficient c", c)?;
+    let mut ok = true;
+    for j in 0..n {
+        let fc = f.get(j.., j);
+        let ac = acc.get(j.., j);
+        let mut oc = out.rb_mut().get_mut(j.., j);
+        match (
+            fc.try_as_col_major(),
+            ac.try_as_col_major(),
+            oc.rb_mut().try_as_col_major_mut(),
+        ) {
+            (Some(fs), Some(a_s), Some(os)) => {
+                ok &= blend_slice(os.as_slice_mut(), xi, fs.as_slice(), c, a_s.as_slice());
+            }
+            _ => {
+                for i in 0..n - j {
+                    let v = xi * fc[i] + c * ac[i];
+                    ok &= v.is_finite_val();
+                    oc[i] = v;
+                }
+            }
+        }
+    }
+    if !ok {
+        let (row, col) = first_non_finite_lower(out.rb());
+        return Err(Error::NonFinite {
+            what: "blended factor",
+            row,
+            col,
+        });
+    }
+    mirror_lower(out)
+}
+
+/// [`blend_lower_to_full`] for a diagonal factor (stored as its diagonal):
+/// `out[i] = xi * f[i] + c * acc[i]`, separately rounded products then one
+/// sum, vectorized with pulp.
+///
+/// ```
+/// let mut out = [0.0f64; 2];
+/// kfac_kernels::factor::blend_diag(&mut out, &[1.0, 2.0], &[4.0, 8.0], 0.5, 0.25).unwrap();
+/// assert_eq!(out, [1.5, 3.0]);
+/// ```
+///
+/// # Errors
+/// [`Error::LengthMismatch`] unless `out`, `f` and `acc` have one length,
+/// [`Error::InvalidParameter`] for non-finite `xi` or `c` (`out` untouched);
+/// [`Error::NonFinite`] (what = `"blended diagonal factor"`, `row` = index)
+/// if a result is not finite, detected while writing: **`out` then holds
+/// unspecified values**; `f` and `acc` are never modified.
+pub fn blend_diag<T: Real>(out: &mut [T], f: &[T], acc: &[T], xi: T, c: T) -> Result<()> {
+    check::len("accumulated diagonal", acc.len(), f.len())?;
+    check::len("blended diagonal", out.len(), f.len())?;
+    check::finite_param("decay xi", xi)?;
+    check::finite_param("running-average coefficient c", c)?;
+    T::simd_lin_comb(out, xi, f, c, acc);
+    if check::all_finite(out) {
+        return Ok(());
+    }
+    let row = out.iter().position(|v| !v.is_finite_val()).unwrap_or(0);
+    Err(Error::NonFinite {
+        what: "blended diagonal factor",
+        row,
+        col: 0,
+    })
+}
+
+/// Token-count update of a diagonal factor (an embedding layer's `A`, whose
+/// one-hot inputs make `A = diag(token counts)`):
+///
+/// `d[t] += beta` for every `t` in `tokens`, in order, after `d` is set to
+/// zero when `replace` (the first contribution of a batch).
+///
+/// ```
+/// let mut d = [9.0f32; 3];
+/// kfac_kernels::factor::diag_token_counts_update(&mut d, true, 0.5, &[2, 0, 2]).unwrap();
+/// assert_eq!(d, [0.5, 0.0, 1.0]);
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for a non-finite `beta`,
+/// [`Error::IndexOutOfRange`] for the first token id `>= d.len()`. `d` is
+/// untouched on error.
+pub fn diag_token_counts_update<T: Real>(
+    d: &mut [T],
+    replace: bool,
+    beta: T,
+    tokens: &[usize],
+) -> Result<()> {
+    check::finite_param("beta", beta)?;
+    let len = d.len();
+    if let Some(&t) = tokens.iter().find(|&&t| t >= len) {
+        return Err(Error::IndexOutOfRange {
+            what: "token id",
+            index: t,
+            len,
+        });
+    }
+    if replace {
+        d.fill(T::ZERO);
+    }
+    for &t in tokens {
+        d[t] += beta;
+    }
+    Ok(())
+}
+
+/// Scaled accumulation of a given statistic into one triangle (used for
+/// layers whose statistics the caller computes itself):
+///
+/// `dst[i, j] = beta * src[i, j]` when `replace`, else
+/// `dst[i, j] = dst[i, j] + beta * src[i, j]`, for `i >= j`
+///
+/// (the product rounded, then the sum: never a fused multiply-add). The
+/// strict upper triangles of `dst` and `src` are neither read nor written.
+///
+/// ```
+/// use faer::Mat;
+/// use kfac_kernels::factor::accumulate_lower;
+/// let src = Mat::<f64>::from_fn(2, 2, |i, j| (1 + i + j) as f64);
+/// let mut dst = Mat::<f64>::zeros(2, 2);
+/// accumulate_lower(dst.as_mut(), src.as_ref(), 2.0, true).unwrap();
+/// accumulate_lower(dst.as_mut(), src.as_ref(), 1.0, false).unwrap();
+/// assert_eq!((dst[(1, 0)], dst[(0, 1)]), (6.0, 0.0));
+/// ```
+///
+/// # Errors
+/// [`Error::DimensionMismatch`] unless `dst` is square and `src` its shape,
+/// [`Error::InvalidParameter`] for a non-finite `beta`,
+/// [`Error::NonFinite`] for a NaN/Inf in the lower triangle of `src`. `dst`
+/// is untouched on error.
+pub fn accumulate_lower<T: Real>(
+    mut dst: MatMut<'_, T>,
+    src: MatRef<'_, T>,
+    beta: T,
+    replace: bool,
+) -> Result<()> {
+    let n = check::square("accumulator", dst.rb())?;
+    check::shape("statistic", src, n, n)?;
+    check::finite_param("beta", beta)?;
+    check::finite_lower("statistic", src)?;
+    for j in 0..n {
+        let sc = src.get(j.., j);
+        let mut dc = dst.rb_mut().get_mut(j.., j);
+        match (sc.try_as_col_major(), dc.rb_mut().try_as_col_major_mut()) {
+            (Some(s), Some(d)) => {
+                let (s, d) = (s.as_slice(), d.as_slice_mut());
+                if replace {
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        *d = beta * s;
+                    }
+                } else {
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        *d += beta * s;
+                    }
+                }
+            }
+            _ => {
+                for i in 0..n - j {
+                    let v = beta * sc[i];
+                    dc[i] = if replace { v } else { dc[i] + v };
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -205,3 +205,156 @@ pub fn precondition_inverse<T: Real>(
     matmul(grad.rb_mut(), Accum::Replace, t.rb(), a_inv, T::ONE, par);
     Ok(())
 }
+
+/// [`factored_damping`] for a layer whose `A` factor is diagonal (an
+/// embedding layer), given as its diagonal `a_diag`.
+///
+/// The mean traces are summed and divided in `f64`
+/// (`tr A / dim A = (Σ_i a_diag[i]) / max(len, 1)`, and the same over the
+/// diagonal of `G`), each rounded to `T` once, and `pi` is then computed
+/// from them exactly as [`factored_damping`] does for two `1 x 1` factors.
+/// For `T = f32` this is bitwise the runtime's historical construction; for
+/// `T = f64` the rounding steps are exact.
+///
+/// ```
+/// use faer::Mat;
+/// use kfac_kernels::inverse::factored_damping_diag_a;
+/// let g = Mat::<f32>::identity(3, 3);
+/// let d = factored_damping_diag_a(&[2.0, 6.0], g.as_ref(), 0.01).unwrap();
+/// assert_eq!(d.pi, 2.0); // sqrt((8 / 2) / (3 / 3))
+/// assert_eq!((d.a, d.g), (0.2, 0.05));
+/// ```
+///
+/// # Errors
+/// [`Error::DimensionMismatch`] if `g` is not square,
+/// [`Error::InvalidParameter`] for `damping` not finite and `> 0`,
+/// [`Error::NonFinite`] (`"factor A"` / `"factor G"`) if a mean trace is not
+/// finite in `T`.
+pub fn factored_damping_diag_a<T: Real>(
+    a_diag: &[T],
+    g: MatRef<'_, T>,
+    damping: T,
+) -> Result<FactoredDamping<T>> {
+    let n = check::square("factor G", g)?;
+    let ta = a_diag.iter().map(|&v| v.to_f64()).sum::<f64>() / a_diag.len().max(1) as f64;
+    let tg = (0..n).map(|i| g[(i, i)].to_f64()).sum::<f64>() / n.max(1) as f64;
+    let ta = [T::from_f64(ta)];
+    let tg = [T::from_f64(tg)];
+    factored_damping(
+        MatRef::from_column_major_slice(&ta, 1, 1),
+        MatRef::from_column_major_slice(&tg, 1, 1),
+        damping,
+    )
+}
+
+/// Damped inverse of a diagonal factor `D` (stored as its diagonal):
+/// `out[i] = 1 / (d[i] + shift)`.
+///
+/// ```
+/// let mut out = [0.0f32; 2];
+/// kfac_kernels::inverse::damped_inverse_diag(&mut out, &[1.5, 3.5], 0.5).unwrap();
+/// assert_eq!(out, [0.5, 0.25]);
+/// ```
+///
+/// # Errors
+/// [`Error::LengthMismatch`] unless `out.len() == d.len()`,
+/// [`Error::InvalidParameter`] for a negative or non-finite `shift`,
+/// [`Error::NotPositiveDefinite`] (`pivot` = the first index) when
+/// `d[i] + shift` is NaN or `<= 0`, [`Error::NonFinite`] when it is `+Inf`.
+/// `out` is untouched on error.
+pub fn damped_inverse_diag<T: Real>(out: &mut [T], d: &[T], shift: T) -> Result<()> {
+    check::len("inverse diagonal", out.len(), d.len())?;
+    check::nonneg_param("damping shift", shift)?;
+    for (i, &v) in d.iter().enumerate() {
+        let s = v + shift;
+        // NaN or <= 0 (the runtime's test).
+        if s.partial_cmp(&T::ZERO) != Some(core::cmp::Ordering::Greater) {
+            return Err(Error::NotPositiveDefinite {
+                what: "damped diagonal factor",
+                pivot: i,
+                dim: d.len(),
+            });
+        }
+        if !s.is_finite_val() {
+            return Err(Error::NonFinite {
+                what: "damped diagonal factor",
+                row: i,
+                col: 0,
+            });
+        }
+    }
+    for (o, &v) in out.iter_mut().zip(d) {
+        *o = T::ONE / (v + shift);
+    }
+    Ok(())
+}
+
+/// Scratch needed by [`precondition_inverse_diag_a`].
+pub fn precondition_inverse_diag_a_scratch<T: Real>(
+    d_out: usize,
+    d_in: usize,
+    par: Par,
+) -> StackReq {
+    let _ = par;
+    temp_mat_scratch::<T>(d_out, d_in)
+}
+
+/// Inverse-method preconditioning in place for a layer whose `A` factor is
+/// diagonal (an embedding layer):
+///
+/// `grad <- G_inv grad diag(a_inv)`, i.e. `grad[i, j] = (G_inv grad)[i, j] * a_inv[j]`
+///
+/// with `G_inv` the full symmetric damped inverse from [`damped_inverse`]
+/// and `a_inv` the damped inverse diagonal from [`damped_inverse_diag`].
+/// Evaluated as one faer matmul, then the column scaling.
+///
+/// * `grad`: `d_out x d_in`, any strides; `g_inv`: `d_out x d_out`;
+///   `a_inv`: length `d_in`.
+///
+/// ```
+/// use faer::{Mat, Par};
+/// use faer::dyn_stack::{MemBuffer, MemStack};
+/// use kfac_kernels::inverse::*;
+/// let g_inv = Mat::<f64>::from_fn(1, 1, |_, _| 0.5);
+/// let mut grad = Mat::<f64>::from_fn(1, 2, |_, _| 4.0);
+/// let mut buf = MemBuffer::new(precondition_inverse_diag_a_scratch::<f64>(1, 2, Par::Seq));
+/// precondition_inverse_diag_a(grad.as_mut(), g_inv.as_ref(), &[1.0, 0.25], Par::Seq,
+///                             MemStack::new(&mut buf)).unwrap();
+/// assert_eq!((grad[(0, 0)], grad[(0, 1)]), (2.0, 0.5));
+/// ```
+///
+/// # Errors
+/// Shape and length mismatches, [`Error::NonFinite`] inputs,
+/// [`Error::ScratchTooSmall`]. `grad` is untouched on error.
+pub fn precondition_inverse_diag_a<T: Real>(
+    mut grad: MatMut<'_, T>,
+    g_inv: MatRef<'_, T>,
+    a_inv: &[T],
+    par: Par,
+    stack: &mut MemStack,
+) -> Result<()> {
+    let (d_out, d_in) = (grad.nrows(), grad.ncols());
+    check::shape("G inverse", g_inv, d_out, d_out)?;
+    check::len("A inverse diagonal", a_inv.len(), d_in)?;
+    check::finite("gradient", grad.rb())?;
+    check::finite("G inverse", g_inv)?;
+    check::finite_slice("A inverse diagonal", a_inv)?;
+    check::stack(
+        stack,
+        precondition_inverse_diag_a_scratch::<T>(d_out, d_in, par),
+    )?;
+    if d_out == 0 || d_in == 0 {
+        return Ok(());
+    }
+    let (mut t, _) = temp_mat_zeroed::<T, _, _>(d_out, d_in, stack);
+    let mut t = t.as_mat_mut();
+    matmul(t.rb_mut(), Accum::Replace, g_inv, grad.rb(), T::ONE, par);
+    for (j, &s) in a_inv.iter().enumerate() {
+        let tc = t.rb().col(j);
+        let mut gc = grad.rb_mut().col_mut(j);
+        for i in 0..d_out {
+            gc[i] = tc[i] * s;
+        }
+    }
+    Ok(())
+}

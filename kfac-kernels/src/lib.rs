@@ -7,7 +7,10 @@
 //!
 //! No threads, no I/O, no global state, no panics on bad input: every public
 //! function validates its arguments and returns an [`Error`] that names what
-//! was wrong and with which sizes, leaving its outputs untouched. Kernels that
+//! was wrong and with which sizes, leaving its outputs untouched (one
+//! documented exception: the running-average blends
+//! [`factor::blend_lower_to_full`] / [`factor::blend_diag`] check their
+//! *result* while writing it into caller scratch). Kernels that
 //! need temporary memory take it from a caller-provided faer
 //! [`MemStack`](faer::dyn_stack::MemStack) and publish its size with a
 //! `*_scratch(...) -> StackReq` function, so hot paths allocate nothing.
@@ -26,21 +29,28 @@
 //!   bias column folded in from column sums) — [`factor`];
 //! * running average: `F <- xi_k F + (1 - xi_k) F_batch` with
 //!   `xi_k = min(1 - 1/k, xi)` on the k-th update, so the first update is the
-//!   first batch statistic — [`factor::running_average`];
+//!   first batch statistic — [`factor::running_average`]; over statistics
+//!   accumulated with weight `w`, `F <- xi F + ((1 - xi) / w) acc` —
+//!   [`factor::blend_lower_to_full`], [`factor::blend_diag`];
 //! * conv2d (KFC): rows of `a` are the im2col patches of every output
 //!   position, columns ordered `(c, kh, kw)`; normalizations in [`conv`];
 //! * eigen method: `A = Q_A diag(l_A) Q_A^T`, `G = Q_G diag(l_G) Q_G^T`
 //!   (negative eigenvalues clamped to 0),
 //!   `V = Q_G [ (Q_G^T grad Q_A) / (l_G l_A^T + damping) ] Q_A^T`
 //!   `= (A ⊗ G + damping I)^{-1} vec(grad)` for the weight gradient `grad`
-//!   (`d_out x d`, bias as the last column) — [`eigen`];
+//!   (`d_out x d`, bias as the last column) — [`eigen`]; a diagonal `A`
+//!   (embedding layers, `A = diag(token counts)`) has `Q_A = I`, `l_A` its
+//!   diagonal — [`eigen::precondition_eigen_diag_a`];
 //! * inverse method: factored Tikhonov damping,
 //!   `pi = sqrt((tr A / dim A) / (tr G / dim G))`,
 //!   `V = (G + sqrt(damping)/pi I)^{-1} grad (A + pi sqrt(damping) I)^{-1}`
-//!   — [`inverse`];
+//!   — [`inverse`] (diagonal `A`: [`inverse::factored_damping_diag_a`],
+//!   [`inverse::damped_inverse_diag`], [`inverse::precondition_inverse_diag_a`]);
 //! * `vec` stacks columns, `(A ⊗ B) vec(X) = vec(B X A^T)` — [`kron`];
 //! * KL clipping: `nu = min(1, sqrt(kl_clip / |lr^2 Σ_l <V_l, grad_l>|))`,
 //!   `nu = 1` when the sum is 0 — [`kl`];
+//! * input validation done once, with proof types that let kernels skip
+//!   their own NaN/Inf scan — [`check`];
 //! * packed lower triangles (column by column) and bf16/f16 wire formats —
 //!   [`packed`].
 //!
@@ -75,7 +85,7 @@
 
 extern crate alloc;
 
-mod check;
+pub mod check;
 pub mod conv;
 pub mod eigen;
 mod error;

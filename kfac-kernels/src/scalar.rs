@@ -68,6 +68,14 @@ pub trait Real:
     fn simd_dot(x: &[Self], y: &[Self]) -> Self;
     /// `y[i] *= x[i]` for `i < min(len)`, vectorized with pulp.
     fn simd_mul_assign(y: &mut [Self], x: &[Self]);
+    /// The larger of two values, NaN-ignoring, exactly as `f32::max` /
+    /// `f64::max` (so kernels reproduce the bits of code written with them).
+    fn max_val(self, other: Self) -> Self;
+    /// `out[i] = alpha * x[i] + beta * y[i]` for `i < min(len)`, vectorized
+    /// with pulp, with a separately rounded multiply and add (never a fused
+    /// multiply-add), so every lane is bitwise equal to the scalar expression
+    /// `alpha * x + beta * y`.
+    fn simd_lin_comb(out: &mut [Self], alpha: Self, x: &[Self], beta: Self, y: &[Self]);
 }
 
 macro_rules! impl_real {
@@ -185,6 +193,46 @@ macro_rules! impl_real {
                     }
                 }
                 pulp::Arch::new().dispatch(Op { x, y });
+            }
+            #[inline]
+            fn max_val(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+            fn simd_lin_comb(out: &mut [Self], alpha: Self, x: &[Self], beta: Self, y: &[Self]) {
+                struct Op<'a> {
+                    alpha: $t,
+                    beta: $t,
+                    x: &'a [$t],
+                    y: &'a [$t],
+                    out: &'a mut [$t],
+                }
+                impl pulp::WithSimd for Op<'_> {
+                    type Output = ();
+                    #[inline(always)]
+                    fn with_simd<S: pulp::Simd>(self, simd: S) {
+                        let n = self.x.len().min(self.y.len()).min(self.out.len());
+                        let (xh, xt) = S::$as_simd(&self.x[..n]);
+                        let (yh, yt) = S::$as_simd(&self.y[..n]);
+                        let (oh, ot) = S::$as_mut_simd(&mut self.out[..n]);
+                        let a = simd.$splat(self.alpha);
+                        let b = simd.$splat(self.beta);
+                        // Separate multiply and add: bitwise equal to the
+                        // scalar tail below (no contraction to FMA).
+                        for ((o, x), y) in oh.iter_mut().zip(xh).zip(yh) {
+                            *o = simd.$add(simd.$mul(a, *x), simd.$mul(b, *y));
+                        }
+                        for ((o, x), y) in ot.iter_mut().zip(xt).zip(yt) {
+                            *o = self.alpha * *x + self.beta * *y;
+                        }
+                    }
+                }
+                pulp::Arch::new().dispatch(Op {
+                    alpha,
+                    beta,
+                    x,
+                    y,
+                    out,
+                });
             }
         }
     };

@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use kfac_kernels::conv::{self, Conv2dGeometry, ConvNormalization, ImageRef};
 use kfac_kernels::faer::dyn_stack::{MemBuffer, MemStack};
 use kfac_kernels::faer::{Mat, Par};
-use kfac_kernels::{eigen, factor, inverse, kl, kron, packed, Real};
+use kfac_kernels::{check, eigen, factor, inverse, kl, kron, packed, Real};
 
 /// A bump allocator over a static arena (never frees): enough for a smoke
 /// call, and it needs nothing from the platform.
@@ -207,6 +207,117 @@ fn run<T: Real>() -> Result<(), kfac_kernels::Error> {
     // KL clipping
     let dot = kl::frobenius_dot(grad.as_ref(), y.as_ref())?;
     let _ = kl::kl_clip_scale(dot, T::from_f64(0.1), T::from_f64(0.001))?;
+
+    runtime_math::<T>(
+        a.as_ref(),
+        gf.as_ref(),
+        x.as_ref(),
+        &img,
+        &gout,
+        &geom,
+        (oh, ow),
+    )?;
+    Ok(())
+}
+
+/// The kernels the runtime's step uses for embedding (diagonal-A) layers,
+/// running averages and once-only input validation.
+fn runtime_math<T: Real>(
+    a: kfac_kernels::faer::MatRef<'_, T>,
+    gf: kfac_kernels::faer::MatRef<'_, T>,
+    x: kfac_kernels::faer::MatRef<'_, T>,
+    img: &[T],
+    gout: &[T],
+    geom: &Conv2dGeometry,
+    (oh, ow): (usize, usize),
+) -> Result<(), kfac_kernels::Error> {
+    let par = Par::Seq;
+    let (da, dout) = (a.nrows(), gf.nrows());
+
+    // validation once, then the prechecked updates
+    check::finite_slice("slice", img)?;
+    let xc = check::finite_matrix("activations", x)?;
+    let mut c = Mat::<T>::zeros(da, da);
+    let mut buf = MemBuffer::new(factor::syrk_update_scratch::<T>(
+        x.nrows(),
+        x.ncols(),
+        true,
+        par,
+    ));
+    factor::syrk_update_prechecked(
+        c.as_mut(),
+        T::ZERO,
+        T::ONE,
+        xc,
+        true,
+        par,
+        MemStack::new(&mut buf),
+    )?;
+    let k = geom.patch_len()? + 1;
+    let mut ca = Mat::<T>::zeros(k, k);
+    let mut cbuf = MemBuffer::new(conv::conv2d_a_update_scratch::<T>(geom, true)?);
+    let input = check::finite_image(ImageRef::nchw(img, 2, 3, 5, 5)?)?;
+    conv::conv2d_a_update_prechecked(
+        ca.as_mut(),
+        T::ZERO,
+        T::ONE,
+        input,
+        geom,
+        true,
+        ConvNormalization::Kfc,
+        par,
+        MemStack::new(&mut cbuf),
+    )?;
+    let go = check::finite_image(ImageRef::nchw(gout, 2, 4, oh, ow)?)?;
+    let mut cg = Mat::<T>::zeros(4, 4);
+    conv::conv2d_g_update_prechecked(
+        cg.as_mut(),
+        T::ZERO,
+        T::ONE,
+        go,
+        ConvNormalization::Kfc,
+        par,
+    )?;
+
+    // accumulation and running average
+    let mut acc = Mat::<T>::zeros(da, da);
+    factor::accumulate_lower(acc.as_mut(), a, T::from_f64(2.0), true)?;
+    factor::accumulate_lower(acc.as_mut(), a, T::ONE, false)?;
+    let (xi, cf) = factor::running_average_coefficients::<T>(0.9, 3.0)?;
+    let mut blended = Mat::<T>::zeros(da, da);
+    factor::blend_lower_to_full(blended.as_mut(), a, acc.as_ref(), xi, cf)?;
+    let mut dg = vec![T::ZERO; 5];
+    factor::diag_token_counts_update(&mut dg, true, T::ONE, &[0, 4, 4, 1])?;
+    let mut dblend = vec![T::ZERO; 5];
+    factor::blend_diag(&mut dblend, &dg, &dg, xi, cf)?;
+
+    // diagonal-A (embedding) eigen and inverse methods
+    let mut la = vec![T::ZERO; 5];
+    eigen::clamp_eigenvalues_diag(&mut la, &dblend)?;
+    let mut qg = Mat::<T>::zeros(dout, dout);
+    let mut lg = vec![T::ZERO; dout];
+    let damping = T::from_f64(0.01);
+    let mut ebuf = MemBuffer::new(
+        eigen::sym_eigen_scratch::<T>(dout, par)
+            .or(eigen::precondition_eigen_diag_a_scratch::<T>(dout, 5, par))
+            .or(inverse::damped_inverse_scratch::<T>(dout, par))
+            .or(inverse::precondition_inverse_diag_a_scratch::<T>(
+                dout, 5, par,
+            )),
+    );
+    let st = MemStack::new(&mut ebuf);
+    eigen::sym_eigen(gf, &mut lg, qg.as_mut(), par, st)?;
+    let mut v = Mat::<T>::from_fn(dout, 5, |i, j| T::from_usize(i + j));
+    eigen::precondition_eigen_diag_a(v.as_mut(), qg.as_ref(), &lg, &la, damping, par, st)?;
+    let mut den = Mat::<T>::zeros(dout, 5);
+    eigen::eigen_inverse_denominators(den.as_mut(), &lg, &la, damping)?;
+    eigen::precondition_eigen_diag_a_precomputed(v.as_mut(), qg.as_ref(), den.as_ref(), par, st)?;
+    let fd = inverse::factored_damping_diag_a(&dblend, gf, damping)?;
+    let mut ai = vec![T::ZERO; 5];
+    inverse::damped_inverse_diag(&mut ai, &dblend, fd.a)?;
+    let mut gi = Mat::<T>::zeros(dout, dout);
+    inverse::damped_inverse(gi.as_mut(), gf, fd.g, par, st)?;
+    inverse::precondition_inverse_diag_a(v.as_mut(), gi.as_ref(), &ai, par, st)?;
     Ok(())
 }
 
