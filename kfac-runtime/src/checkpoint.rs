@@ -153,7 +153,7 @@ impl Preconditioner {
             kind.validate(&name)
                 .map_err(|e| Error::checkpoint(format!("layer {li}: {e}")))?;
             let excluded = r.bool("excluded flag")?;
-            let mut l = LayerState::new(name, kind, excluded, config.compat);
+            let mut l = LayerState::new(name, kind, excluded, config.compat)?;
             let a = r.factor("factor A")?;
             let g = r.factor("factor G")?;
             let acc_a = r.factor("accumulator A")?;

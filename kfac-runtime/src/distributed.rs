@@ -19,6 +19,7 @@
 //!   every step.
 
 use faer::Mat;
+use kfac_kernels::packed;
 
 use crate::codec::{write_config, write_kind, W};
 use crate::config::Config;
@@ -90,15 +91,15 @@ pub(crate) fn packed_len(f: &Factor) -> usize {
     }
 }
 
-/// Appends the lower triangle (column by column) or the diagonal.
+/// Appends the lower triangle (column by column, `kfac_kernels::packed`
+/// layout) or the diagonal.
 pub(crate) fn pack(f: &Factor, out: &mut Vec<f32>) {
     match f {
         Factor::Dense(m) => {
-            for j in 0..m.ncols() {
-                for i in j..m.nrows() {
-                    out.push(m[(i, j)]);
-                }
-            }
+            let start = out.len();
+            out.resize(start + packed_len(f), 0.0);
+            let r = packed::pack_lower(m.as_ref(), &mut out[start..]);
+            debug_assert!(r.is_ok(), "the slice has packed_len values");
         }
         Factor::Diag(d) => out.extend_from_slice(d),
     }
@@ -111,13 +112,8 @@ pub(crate) fn unpack(like: &Factor, src: &[f32]) -> Factor {
         Factor::Dense(m) => {
             let n = m.nrows();
             let mut out = Mat::<f32>::zeros(n, n);
-            let mut k = 0;
-            for j in 0..n {
-                for i in j..n {
-                    out[(i, j)] = src[k];
-                    k += 1;
-                }
-            }
+            let r = packed::unpack_lower(src, out.as_mut(), false);
+            debug_assert!(r.is_ok(), "the caller slices packed_len(like) values");
             Factor::Dense(out)
         }
         Factor::Diag(_) => Factor::Diag(src.to_vec()),

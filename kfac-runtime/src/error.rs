@@ -95,6 +95,14 @@ pub enum Error {
         /// What is not finite, in words, with the position.
         what: String,
     },
+    /// Memory for the state or for kernel scratch could not be allocated;
+    /// nothing was changed.
+    OutOfMemory {
+        /// What was being allocated.
+        what: &'static str,
+        /// Bytes requested.
+        bytes: usize,
+    },
     /// Another rank failed its part of a distributed step after
     /// communication had begun; every rank returns this (the failing rank
     /// returns its own error) and the group is aborted.
@@ -140,7 +148,7 @@ pub enum ErrorKind {
     PeerFailed,
     /// A checkpoint was refused.
     Checkpoint,
-    /// A resource could not be had (the thread pool).
+    /// A resource could not be had (memory, the thread pool).
     Resource,
 }
 
@@ -217,7 +225,7 @@ impl Error {
             | Error::LayersFrozen => ErrorKind::State,
             Error::Checkpoint { .. } => ErrorKind::Checkpoint,
             Error::Comm(_) | Error::Distributed { .. } => ErrorKind::Comm,
-            Error::ThreadPool { .. } => ErrorKind::Resource,
+            Error::ThreadPool { .. } | Error::OutOfMemory { .. } => ErrorKind::Resource,
             Error::NonFinite { .. } => ErrorKind::NonFinite,
             Error::RankFailed { .. } => ErrorKind::PeerFailed,
         }
@@ -289,6 +297,9 @@ impl fmt::Display for Error {
             Error::ThreadPool { reason } => write!(f, "thread pool: {reason}"),
             Error::Comm(e) => write!(f, "communication: {e}"),
             Error::Distributed { reason } => write!(f, "distributed step: {reason}"),
+            Error::OutOfMemory { what, bytes } => {
+                write!(f, "out of memory: {what} needs {bytes} bytes")
+            }
             Error::NonFinite { layer, what } => write!(f, "layer '{layer}': {what} is not finite (NaN/Inf)"),
             Error::RankFailed { rank, kind, cause } => {
                 write!(f, "rank {rank} failed its part of the step ({kind}): {cause}")

@@ -1,11 +1,13 @@
-//! Observations: validation (once, before anything is written) and the
-//! accumulation of one micro-batch's factor statistics into a layer's
-//! accumulator. No communication here: statistics are summed across ranks
-//! by the step's factor phase.
+//! Observations: validation (once, before anything is written: shapes,
+//! token ids, and finiteness through the kernels' `check`, which yields
+//! the proofs the `*_prechecked` kernels take, so no input is scanned
+//! twice) and the accumulation of one micro-batch's factor statistics into
+//! a layer's accumulator. No communication here: statistics are summed
+//! across ranks by the step's factor phase.
 
-use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
-use faer::{MatMut, MatRef, Par};
-use kfac_kernels::conv::{self, ConvNormalization, ImageRef};
+use faer::{MatMut, Par};
+use kfac_kernels::check::{self, FiniteImage, FiniteMat};
+use kfac_kernels::conv::{self, Conv2dGeometry, ConvNormalization, ImageRef};
 use kfac_kernels::factor;
 
 use crate::config::Compat;
@@ -17,18 +19,35 @@ fn kerr(layer: &str) -> impl FnOnce(kfac_kernels::Error) -> Error + '_ {
     Error::kernel(layer)
 }
 
-pub(crate) fn finite_mat(layer: &str, what: &str, m: MatRef<'_, f32>) -> Result<()> {
-    for j in 0..m.ncols() {
-        for i in 0..m.nrows() {
-            if !m[(i, j)].is_finite() {
-                return Err(Error::non_finite(layer, format!("{what} at ({i}, {j})")));
-            }
-        }
-    }
-    Ok(())
+/// A validated observation: shapes fit the layer, token ids are in range,
+/// every value is finite (the kernels' proofs).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Checked<'a> {
+    Linear {
+        x: FiniteMat<'a, f32>,
+        g: FiniteMat<'a, f32>,
+    },
+    Conv2d {
+        input: FiniteImage<'a, f32>,
+        grads: FiniteImage<'a, f32>,
+        geom: Conv2dGeometry,
+        batch: usize,
+    },
+    Embedding {
+        tokens: &'a [usize],
+        g: FiniteMat<'a, f32>,
+    },
+    Kronecker {
+        a: FiniteMat<'a, f32>,
+        g: FiniteMat<'a, f32>,
+        samples: usize,
+    },
 }
 
-pub(crate) fn validate_observation(l: &LayerState, obs: &Observation<'_>) -> Result<()> {
+pub(crate) fn validate_observation<'a>(
+    l: &LayerState,
+    obs: &Observation<'a>,
+) -> Result<Checked<'a>> {
     let name = &l.name;
     let (d_out, _) = l.kind.dims();
     match (&l.kind, obs) {
@@ -62,8 +81,10 @@ pub(crate) fn validate_observation(l: &LayerState, obs: &Observation<'_>) -> Res
                     ),
                 ));
             }
-            finite_mat(name, "activations", *activations)?;
-            finite_mat(name, "output grads", *output_grads)?;
+            Ok(Checked::Linear {
+                x: check::finite_matrix("activations", *activations).map_err(kerr(name))?,
+                g: check::finite_matrix("output grads", *output_grads).map_err(kerr(name))?,
+            })
         }
         (
             LayerKind::Conv2d(spec),
@@ -80,7 +101,7 @@ pub(crate) fn validate_observation(l: &LayerState, obs: &Observation<'_>) -> Res
             if *batch == 0 {
                 return Err(Error::mismatch(name, "empty batch".into()));
             }
-            ImageRef::new(
+            let img = ImageRef::new(
                 input,
                 spec.layout,
                 *batch,
@@ -89,17 +110,14 @@ pub(crate) fn validate_observation(l: &LayerState, obs: &Observation<'_>) -> Res
                 *width,
             )
             .map_err(kerr(name))?;
-            ImageRef::new(output_grads, spec.layout, *batch, spec.out_channels, oh, ow)
+            let gout = ImageRef::new(output_grads, spec.layout, *batch, spec.out_channels, oh, ow)
                 .map_err(kerr(name))?;
-            if let Some(i) = input.iter().position(|v| !v.is_finite()) {
-                return Err(Error::non_finite(name, format!("input at flat index {i}")));
-            }
-            if let Some(i) = output_grads.iter().position(|v| !v.is_finite()) {
-                return Err(Error::non_finite(
-                    name,
-                    format!("output grads at flat index {i}"),
-                ));
-            }
+            Ok(Checked::Conv2d {
+                input: check::finite_image(img).map_err(kerr(name))?,
+                grads: check::finite_image(gout).map_err(kerr(name))?,
+                geom,
+                batch: *batch,
+            })
         }
         (
             LayerKind::Embedding {
@@ -131,7 +149,10 @@ pub(crate) fn validate_observation(l: &LayerState, obs: &Observation<'_>) -> Res
                     format!("token id {t} >= num_embeddings {num_embeddings}"),
                 ));
             }
-            finite_mat(name, "output grads", *output_grads)?;
+            Ok(Checked::Embedding {
+                tokens,
+                g: check::finite_matrix("output grads", *output_grads).map_err(kerr(name))?,
+            })
         }
         (LayerKind::Kronecker { a_dim, g_dim }, Observation::Kronecker { a, g, samples }) => {
             if *samples == 0 {
@@ -153,17 +174,17 @@ pub(crate) fn validate_observation(l: &LayerState, obs: &Observation<'_>) -> Res
                     ),
                 ));
             }
-            finite_mat(name, "A statistic", *a)?;
-            finite_mat(name, "G statistic", *g)?;
+            Ok(Checked::Kronecker {
+                a: check::finite_matrix("A statistic", *a).map_err(kerr(name))?,
+                g: check::finite_matrix("G statistic", *g).map_err(kerr(name))?,
+                samples: *samples,
+            })
         }
-        (kind, _) => {
-            return Err(Error::mismatch(
-                name,
-                format!("observation kind does not match the layer ({kind:?}), d_out {d_out}"),
-            ))
-        }
+        (kind, _) => Err(Error::mismatch(
+            name,
+            format!("observation kind does not match the layer ({kind:?}), d_out {d_out}"),
+        )),
     }
-    Ok(())
 }
 
 pub(crate) fn dense(f: &mut Factor) -> MatMut<'_, f32> {
@@ -179,132 +200,130 @@ pub(crate) fn unreachable_diag() -> ! {
     panic!("internal error: diagonal factor used as dense")
 }
 
+/// Validates `obs` and adds it to the layer's accumulator.
 pub(crate) fn observe_layer(
     l: &mut LayerState,
     obs: Observation<'_>,
     compat: Compat,
 ) -> Result<()> {
-    validate_observation(l, &obs)?;
-    let name = l.name.clone();
+    let checked = validate_observation(l, &obs)?;
+    accumulate(l, checked, compat)
+}
+
+/// Adds a validated observation to the layer's accumulator. On error the
+/// accumulator is unchanged (the kernels validate before writing).
+pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, compat: Compat) -> Result<()> {
+    let name = l.name.as_str();
     let first = l.acc.count == 0;
     let alpha = if first { 0.0 } else { 1.0 };
     let (beta, add_weight): (f32, f64);
     match obs {
-        Observation::Linear {
-            activations,
-            output_grads,
-        } => {
-            let n = activations.nrows();
+        Checked::Linear { x, g } => {
+            let n = x.get().nrows();
             (beta, add_weight) = match compat {
                 Compat::Native => (1.0, n as f64),
                 Compat::KfacPytorch => (1.0 / n as f32, 1.0),
             };
             let bias = l.kind.has_bias();
-            let req = factor::syrk_update_scratch::<f32>(n, activations.ncols(), bias, Par::Seq);
-            let mut buf = MemBuffer::new(req);
-            factor::syrk_update(
-                dense(&mut l.acc.a),
-                alpha,
-                beta,
-                activations,
-                bias,
-                Par::Seq,
-                MemStack::new(&mut buf),
-            )
-            .map_err(kerr(&name))?;
-            factor::syrk_update(
-                dense(&mut l.acc.g),
-                alpha,
-                beta,
-                output_grads,
-                false,
-                Par::Seq,
-                MemStack::new(&mut buf),
-            )
-            .map_err(kerr(&name))?;
+            let req = factor::syrk_update_scratch::<f32>(n, x.get().ncols(), bias, Par::Seq);
+            let acc = &mut l.acc;
+            l.scratch.with(req, |stack| {
+                factor::syrk_update_prechecked(
+                    dense(&mut acc.a),
+                    alpha,
+                    beta,
+                    x,
+                    bias,
+                    Par::Seq,
+                    stack,
+                )
+                .map_err(kerr(name))?;
+                factor::syrk_update_prechecked(
+                    dense(&mut acc.g),
+                    alpha,
+                    beta,
+                    g,
+                    false,
+                    Par::Seq,
+                    stack,
+                )
+                .map_err(kerr(name))
+            })?;
         }
-        Observation::Conv2d {
+        Checked::Conv2d {
             input,
-            output_grads,
+            grads,
+            geom,
             batch,
-            height,
-            width,
         } => {
             let LayerKind::Conv2d(spec) = l.kind else {
-                return Err(Error::mismatch(&name, "not a conv2d layer".into()));
+                return Err(Error::mismatch(name, "not a conv2d layer".into()));
             };
-            let geom = spec.geometry(batch, height, width);
-            let (oh, ow) = geom.output_size().map_err(kerr(&name))?;
             let (norm, b, w) = match compat {
                 Compat::Native => (ConvNormalization::Kfc, batch as f32, batch as f64),
                 Compat::KfacPytorch => (ConvNormalization::KfacPytorch, 1.0, 1.0),
             };
             (beta, add_weight) = (b, w);
-            let img = ImageRef::new(input, spec.layout, batch, spec.in_channels, height, width)
-                .map_err(kerr(&name))?;
-            let gout = ImageRef::new(output_grads, spec.layout, batch, spec.out_channels, oh, ow)
-                .map_err(kerr(&name))?;
-            let mut buf = MemBuffer::new(
-                conv::conv2d_a_update_scratch::<f32>(&geom, spec.bias).map_err(kerr(&name))?,
-            );
-            conv::conv2d_a_update(
-                dense(&mut l.acc.a),
+            let req = conv::conv2d_a_update_scratch::<f32>(&geom, spec.bias).map_err(kerr(name))?;
+            let acc = &mut l.acc;
+            l.scratch.with(req, |stack| {
+                conv::conv2d_a_update_prechecked(
+                    dense(&mut acc.a),
+                    alpha,
+                    beta,
+                    input,
+                    &geom,
+                    spec.bias,
+                    norm,
+                    Par::Seq,
+                    stack,
+                )
+                .map_err(kerr(name))
+            })?;
+            conv::conv2d_g_update_prechecked(
+                dense(&mut l.acc.g),
                 alpha,
                 beta,
-                img,
-                &geom,
-                spec.bias,
+                grads,
                 norm,
                 Par::Seq,
-                MemStack::new(&mut buf),
             )
-            .map_err(kerr(&name))?;
-            conv::conv2d_g_update(dense(&mut l.acc.g), alpha, beta, gout, norm, Par::Seq)
-                .map_err(kerr(&name))?;
+            .map_err(kerr(name))?;
         }
-        Observation::Embedding {
-            tokens,
-            output_grads,
-        } => {
+        Checked::Embedding { tokens, g } => {
             let n = tokens.len();
             (beta, add_weight) = match compat {
                 Compat::Native => (1.0, n as f64),
                 Compat::KfacPytorch => (1.0 / n as f32, 1.0),
             };
-            if let Factor::Diag(d) = &mut l.acc.a {
-                if first {
-                    d.iter_mut().for_each(|v| *v = 0.0);
-                }
-                for &t in tokens {
-                    d[t] += beta;
-                }
-            }
-            let mut buf = MemBuffer::new(StackReq::EMPTY);
-            factor::syrk_update(
-                dense(&mut l.acc.g),
-                alpha,
-                beta,
-                output_grads,
-                false,
-                Par::Seq,
-                MemStack::new(&mut buf),
-            )
-            .map_err(kerr(&name))?;
+            let Factor::Diag(d) = &mut l.acc.a else {
+                unreachable_diag()
+            };
+            factor::diag_token_counts_update(d, first, beta, tokens).map_err(kerr(name))?;
+            let req = factor::syrk_update_scratch::<f32>(n, g.get().ncols(), false, Par::Seq);
+            let acc = &mut l.acc;
+            l.scratch.with(req, |stack| {
+                factor::syrk_update_prechecked(
+                    dense(&mut acc.g),
+                    alpha,
+                    beta,
+                    g,
+                    false,
+                    Par::Seq,
+                    stack,
+                )
+                .map_err(kerr(name))
+            })?;
         }
-        Observation::Kronecker { a, g, samples } => {
+        Checked::Kronecker { a, g, samples } => {
             (beta, add_weight) = match compat {
                 Compat::Native => (samples as f32, samples as f64),
                 Compat::KfacPytorch => (1.0, 1.0),
             };
-            for (dst, src) in [(dense(&mut l.acc.a), a), (dense(&mut l.acc.g), g)] {
-                let mut dst = dst;
-                for j in 0..src.ncols() {
-                    for i in j..src.nrows() {
-                        let v = beta * src[(i, j)];
-                        dst[(i, j)] = if first { v } else { dst[(i, j)] + v };
-                    }
-                }
-            }
+            factor::accumulate_lower(dense(&mut l.acc.a), a.get(), beta, first)
+                .map_err(kerr(name))?;
+            factor::accumulate_lower(dense(&mut l.acc.g), g.get(), beta, first)
+                .map_err(kerr(name))?;
         }
     }
     l.acc.weight += add_weight;

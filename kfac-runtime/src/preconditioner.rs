@@ -13,8 +13,8 @@ use rayon::prelude::*;
 use crate::comm::{Communicator, Local};
 use crate::config::{Config, Schedule};
 use crate::layer::{LayerGrad, LayerId, LayerKind, Observation};
-use crate::observe::{observe_layer, validate_observation};
-use crate::state::{Factor, LayerState};
+use crate::observe::{accumulate, observe_layer, validate_observation, Checked};
+use crate::state::{Factor, LayerState, Scratch};
 use crate::stats::StepStats;
 use crate::{Error, Result};
 
@@ -32,6 +32,11 @@ pub struct Preconditioner {
     pub(crate) damping_now: f64,
     pub(crate) lr_now: f64,
     pub(crate) pool: rayon::ThreadPool,
+    /// Scratch of the inversion kernels: one per pool thread plus one,
+    /// grown to the largest factor a thread has inverted, reused by every
+    /// later inversion (bounded by `(threads + 1)` x the scratch of the
+    /// largest factor).
+    pub(crate) inv_scratch: Vec<Scratch>,
     /// Time in `observe` since the last step (reported with the step).
     pub(crate) observe_time: Duration,
     /// Time in collectives outside `step` (gradient averaging) since the
@@ -61,6 +66,13 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
         })
 }
 
+/// Empty inversion scratch for each thread of `pool`, plus one.
+fn inv_scratch(pool: &rayon::ThreadPool) -> Result<Vec<Scratch>> {
+    (0..=pool.current_num_threads())
+        .map(|_| Scratch::new(faer::dyn_stack::StackReq::EMPTY))
+        .collect()
+}
+
 impl Preconditioner {
     /// A preconditioner with no layers yet.
     ///
@@ -78,6 +90,7 @@ impl Preconditioner {
             names: HashMap::new(),
             steps: 0,
             factor_updates: 0,
+            inv_scratch: inv_scratch(&pool)?,
             pool,
             observe_time: Duration::ZERO,
             comm_time: Duration::ZERO,
@@ -109,6 +122,7 @@ impl Preconditioner {
             factor_updates,
             damping_now,
             lr_now,
+            inv_scratch: inv_scratch(&pool)?,
             pool,
             observe_time: Duration::ZERO,
             comm_time: Duration::ZERO,
@@ -192,12 +206,8 @@ impl Preconditioner {
         kind.validate(name)?;
         let excluded = self.config.exclude.iter().any(|e| e == name);
         let id = self.layers.len();
-        self.layers.push(LayerState::new(
-            name.to_string(),
-            kind,
-            excluded,
-            self.config.compat,
-        ));
+        let layer = LayerState::new(name.to_string(), kind, excluded, self.config.compat)?;
+        self.layers.push(layer);
         self.names.insert(name.to_string(), id);
         log::debug!("kfac: registered layer {id} '{name}'");
         Ok(LayerId(id))
@@ -282,7 +292,7 @@ impl Preconditioner {
     pub fn observe_all(&mut self, obs: &[(LayerId, Observation<'_>)]) -> Result<()> {
         let t0 = Instant::now();
         let compat = self.config.compat;
-        let mut slot: Vec<Option<Observation<'_>>> = vec![None; self.layers.len()];
+        let mut slot: Vec<Option<Checked<'_>>> = vec![None; self.layers.len()];
         for (id, o) in obs {
             let n = self.layers.len();
             let s = slot.get_mut(id.0).ok_or(Error::UnknownLayer {
@@ -295,15 +305,14 @@ impl Preconditioner {
                     "observed twice in one observe_all".into(),
                 ));
             }
-            validate_observation(&self.layers[id.0], o)?;
-            *s = Some(*o);
+            *s = Some(validate_observation(&self.layers[id.0], o)?);
         }
         self.pool.install(|| {
             self.layers
                 .par_iter_mut()
                 .zip(slot.par_iter())
                 .try_for_each(|(l, o)| match o {
-                    Some(o) => observe_layer(l, *o, compat),
+                    Some(o) => accumulate(l, *o, compat),
                     None => Ok(()),
                 })
         })?;

@@ -2,10 +2,75 @@
 //! and the per-factor result of an inversion. Plain data: no I/O, no
 //! communication (those live in `exchange`, `step` and `checkpoint`).
 
+use std::sync::Mutex;
+
+use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::Mat;
 
 use crate::config::Compat;
 use crate::layer::LayerKind;
+use crate::{Error, Result};
+
+/// Reusable kernel scratch: one buffer, grown (never shrunk) to the largest
+/// request seen, so steady-state steps allocate no scratch. Locked per use:
+/// each buffer has one user at a time (its layer's task, or one pool
+/// thread), so the lock is uncontended.
+pub(crate) struct Scratch {
+    inner: Mutex<(StackReq, MemBuffer)>,
+}
+
+impl Scratch {
+    /// A buffer for `req`.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] if it cannot be allocated.
+    pub(crate) fn new(req: StackReq) -> Result<Self> {
+        Ok(Self {
+            inner: Mutex::new((req, alloc(req)?)),
+        })
+    }
+
+    /// Runs `f` on a stack of at least `req`, growing the buffer first if
+    /// needed.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] if the buffer must grow and cannot; `f`'s own
+    /// error.
+    pub(crate) fn with<R>(
+        &self,
+        req: StackReq,
+        f: impl FnOnce(&mut MemStack) -> Result<R>,
+    ) -> Result<R> {
+        // A panic inside `f` poisons the lock; the buffer holds no
+        // invariant beyond its size, so it is safe to reuse.
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let need = g.0.or(req);
+        if need != g.0 {
+            g.1 = alloc(need)?;
+            g.0 = need;
+        }
+        f(MemStack::new(&mut g.1))
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.size_bytes()
+    }
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Scratch({} bytes)", self.bytes())
+    }
+}
+
+fn alloc(req: StackReq) -> Result<MemBuffer> {
+    MemBuffer::try_new(req).map_err(|_| Error::OutOfMemory {
+        what: "kernel scratch",
+        bytes: req.size_bytes(),
+    })
+}
 
 /// One registered layer.
 #[derive(Debug)]
@@ -17,17 +82,28 @@ pub(crate) struct LayerState {
     pub(crate) g: Factor,
     pub(crate) acc: Accumulator,
     pub(crate) inv: Option<InverseCache>,
+    /// Scratch of this layer's observe and precondition kernels, sized at
+    /// registration for preconditioning (observations grow it to their
+    /// largest batch once).
+    pub(crate) scratch: Scratch,
 }
 
 impl LayerState {
-    pub(crate) fn new(name: String, kind: LayerKind, excluded: bool, compat: Compat) -> Self {
+    /// # Errors
+    /// [`Error::OutOfMemory`] if the scratch cannot be allocated.
+    pub(crate) fn new(
+        name: String,
+        kind: LayerKind,
+        excluded: bool,
+        compat: Compat,
+    ) -> Result<Self> {
         let (d_out, d) = kind.dims();
         let diag = kind.diagonal_a();
         let (a, g) = match compat {
             Compat::Native => (Factor::zeros(d, diag), Factor::zeros(d_out, false)),
             Compat::KfacPytorch => (Factor::identity(d, diag), Factor::identity(d_out, false)),
         };
-        Self {
+        Ok(Self {
             name,
             kind,
             excluded,
@@ -40,7 +116,8 @@ impl LayerState {
                 count: 0,
             },
             inv: None,
-        }
+            scratch: Scratch::new(crate::step::precondition_scratch(d_out, d))?,
+        })
     }
 
     pub(crate) fn bytes(&self) -> usize {
@@ -48,6 +125,7 @@ impl LayerState {
             + self.g.bytes()
             + self.acc.bytes()
             + self.inv.as_ref().map_or(0, |i| i.bytes())
+            + self.scratch.bytes()
     }
 }
 

@@ -6,6 +6,7 @@
 //! rayon task per layer). Nothing is committed here.
 
 use faer::Mat;
+use kfac_kernels::factor;
 use rayon::prelude::*;
 
 use crate::distributed;
@@ -42,16 +43,8 @@ pub(crate) fn run(ctx: &Ctx<'_>, plan: &Plan, ex: &mut Exchange<'_>) -> Result<N
                     },
                     None => (&l.acc.a, &l.acc.g, l.acc.weight),
                 };
-                let a = combine(&l.a, aa, w, plan.xi);
-                let g = combine(&l.g, ag, w, plan.xi);
-                for (f, which) in [(&a, "factor A"), (&g, "factor G")] {
-                    if !finite(f) {
-                        return Err(Error::non_finite(
-                            &l.name,
-                            format!("the updated {which} (an observation overflowed f32?)"),
-                        ));
-                    }
-                }
+                let a = combine(&l.name, "factor A", &l.a, aa, w, plan.xi)?;
+                let g = combine(&l.name, "factor G", &l.g, ag, w, plan.xi)?;
                 Ok(Some((a, g)))
             })
             .collect()
@@ -96,34 +89,37 @@ fn unpack(
     out
 }
 
-fn finite(f: &Factor) -> bool {
-    match f {
-        Factor::Dense(m) => m.col_iter().all(|c| c.iter().all(|v| v.is_finite())),
-        Factor::Diag(d) => d.iter().all(|v| v.is_finite()),
-    }
-}
-
 /// `xi F + (1 - xi) acc / weight` as a new full symmetric factor (`acc`
-/// holds a lower triangle; `F` is full).
-fn combine(f: &Factor, acc: &Factor, weight: f64, xi: f64) -> Factor {
-    let c = ((1.0 - xi) / weight) as f32;
-    let xi = xi as f32;
-    match (f, acc) {
+/// holds a lower triangle; `F` is full), refused if any entry is not
+/// finite.
+fn combine(
+    name: &str,
+    which: &str,
+    f: &Factor,
+    acc: &Factor,
+    weight: f64,
+    xi: f64,
+) -> Result<Factor> {
+    let (xi, c) =
+        factor::running_average_coefficients::<f32>(xi, weight).map_err(Error::kernel(name))?;
+    let out = match (f, acc) {
         (Factor::Dense(f), Factor::Dense(acc)) => {
             let n = f.nrows();
             let mut out = Mat::<f32>::zeros(n, n);
-            for j in 0..n {
-                for i in j..n {
-                    let v = xi * f[(i, j)] + c * acc[(i, j)];
-                    out[(i, j)] = v;
-                    out[(j, i)] = v;
-                }
-            }
-            Factor::Dense(out)
+            factor::blend_lower_to_full(out.as_mut(), f.as_ref(), acc.as_ref(), xi, c)
+                .map(|()| Factor::Dense(out))
         }
         (Factor::Diag(f), Factor::Diag(acc)) => {
-            Factor::Diag(f.iter().zip(acc).map(|(&f, &a)| xi * f + c * a).collect())
+            let mut out = vec![0.0f32; f.len()];
+            factor::blend_diag(&mut out, f, acc, xi, c).map(|()| Factor::Diag(out))
         }
         _ => unreachable_diag(),
-    }
+    };
+    out.map_err(|e| match e {
+        kfac_kernels::Error::NonFinite { .. } => Error::non_finite(
+            name,
+            format!("the updated {which} (an observation overflowed f32?)"),
+        ),
+        e => Error::kernel(name)(e),
+    })
 }

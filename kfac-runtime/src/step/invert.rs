@@ -4,7 +4,7 @@
 //! of each layer's gradient-worker group, which assemble the layer's
 //! inverse cache (with the precomputed denominators when configured).
 
-use faer::dyn_stack::{MemBuffer, MemStack};
+use crate::state::Scratch;
 use faer::{Mat, Par};
 use kfac_kernels::{eigen, inverse};
 use rayon::prelude::*;
@@ -82,7 +82,12 @@ pub(crate) fn run(
                         shifts[li].1
                     };
                     let th = if tasks.len() == 1 { threads } else { 1 };
-                    invert_one(&layers[li].name, factor_of(t), cfg, shift, th).map(|r| (t, r))
+                    // One scratch per pool thread (index 0 also serves a
+                    // caller outside the pool).
+                    let slot = rayon::current_thread_index().map_or(0, |i| i + 1);
+                    let scratch = &ctx.inv_scratch[slot.min(ctx.inv_scratch.len() - 1)];
+                    invert_one(&layers[li].name, factor_of(t), cfg, shift, th, scratch)
+                        .map(|r| (t, r))
                 })
                 .collect::<Result<Vec<_>>>()
         })?;
@@ -139,24 +144,30 @@ pub(crate) fn run(
 }
 
 /// Eigendecomposition of a dense factor in the configured precision.
-fn eig(name: &str, m: &Mat<f32>, precision: Precision, par: Par) -> Result<(Mat<f32>, Vec<f32>)> {
+fn eig(
+    name: &str,
+    m: &Mat<f32>,
+    precision: Precision,
+    par: Par,
+    scratch: &Scratch,
+) -> Result<(Mat<f32>, Vec<f32>)> {
     let n = m.nrows();
     match precision {
         Precision::F32 => {
             let mut q = Mat::<f32>::zeros(n, n);
             let mut l = vec![0.0f32; n];
-            let mut buf = MemBuffer::new(eigen::sym_eigen_scratch::<f32>(n, par));
-            eigen::sym_eigen(m.as_ref(), &mut l, q.as_mut(), par, MemStack::new(&mut buf))
-                .map_err(kerr(name))?;
+            scratch.with(eigen::sym_eigen_scratch::<f32>(n, par), |stack| {
+                eigen::sym_eigen(m.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
+            })?;
             Ok((q, l))
         }
         Precision::F64 => {
             let w = Mat::<f64>::from_fn(n, n, |i, j| m[(i, j)] as f64);
             let mut q = Mat::<f64>::zeros(n, n);
             let mut l = vec![0.0f64; n];
-            let mut buf = MemBuffer::new(eigen::sym_eigen_scratch::<f64>(n, par));
-            eigen::sym_eigen(w.as_ref(), &mut l, q.as_mut(), par, MemStack::new(&mut buf))
-                .map_err(kerr(name))?;
+            scratch.with(eigen::sym_eigen_scratch::<f64>(n, par), |stack| {
+                eigen::sym_eigen(w.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
+            })?;
             Ok((
                 Mat::from_fn(n, n, |i, j| q[(i, j)] as f32),
                 l.into_iter().map(|v| v as f32).collect(),
@@ -189,21 +200,13 @@ fn inverse_shifts(
     match cfg.compat {
         Compat::KfacPytorch => Ok((d32, d32)),
         Compat::Native => {
-            let fd = match a {
-                Factor::Dense(am) => {
-                    inverse::factored_damping(am.as_ref(), gm.as_ref(), d32).map_err(kerr(name))?
-                }
-                Factor::Diag(dv) => {
-                    // tr A / dim A for a diagonal A, as a 1x1 matrix.
-                    let mean = dv.iter().map(|&v| v as f64).sum::<f64>() / dv.len().max(1) as f64;
-                    let one = Mat::<f32>::from_fn(1, 1, |_, _| mean as f32);
-                    let tg = (0..gm.nrows()).map(|i| gm[(i, i)] as f64).sum::<f64>()
-                        / gm.nrows().max(1) as f64;
-                    let gone = Mat::<f32>::from_fn(1, 1, |_, _| tg as f32);
-                    inverse::factored_damping(one.as_ref(), gone.as_ref(), d32)
-                        .map_err(kerr(name))?
-                }
-            };
+            let fd =
+                match a {
+                    Factor::Dense(am) => inverse::factored_damping(am.as_ref(), gm.as_ref(), d32)
+                        .map_err(kerr(name))?,
+                    Factor::Diag(dv) => inverse::factored_damping_diag_a(dv, gm.as_ref(), d32)
+                        .map_err(kerr(name))?,
+                };
             Ok((fd.a, fd.g))
         }
     }
@@ -216,48 +219,32 @@ fn invert_one(
     cfg: &Config,
     shift: f32,
     threads: usize,
+    scratch: &Scratch,
 ) -> Result<FactorInv> {
     // faer's eigh/Cholesky slow down with a second thread below ~512.
     let par = |d: usize| par_for(if d > 512 { threads } else { 1 });
     match (cfg.method, f) {
         (Method::Eigen, Factor::Dense(m)) => {
-            let (q, l) = eig(name, m, cfg.eigen_precision, par(m.nrows()))?;
+            let (q, l) = eig(name, m, cfg.eigen_precision, par(m.nrows()), scratch)?;
             Ok(FactorInv::Eigen { q: Some(q), l })
         }
-        (Method::Eigen, Factor::Diag(d)) => Ok(FactorInv::Eigen {
-            q: None,
-            l: d.iter().map(|&v| v.max(0.0)).collect(),
-        }),
+        (Method::Eigen, Factor::Diag(d)) => {
+            let mut l = vec![0.0f32; d.len()];
+            eigen::clamp_eigenvalues_diag(&mut l, d).map_err(kerr(name))?;
+            Ok(FactorInv::Eigen { q: None, l })
+        }
         (Method::Inverse, Factor::Dense(m)) => {
             let d = m.nrows();
             let mut inv = Mat::<f32>::zeros(d, d);
-            let mut buf = MemBuffer::new(inverse::damped_inverse_scratch::<f32>(d, par(d)));
-            inverse::damped_inverse(
-                inv.as_mut(),
-                m.as_ref(),
-                shift,
-                par(d),
-                MemStack::new(&mut buf),
-            )
-            .map_err(kerr(name))?;
+            scratch.with(inverse::damped_inverse_scratch::<f32>(d, par(d)), |stack| {
+                inverse::damped_inverse(inv.as_mut(), m.as_ref(), shift, par(d), stack)
+                    .map_err(kerr(name))
+            })?;
             Ok(FactorInv::Inv(Factor::Dense(inv)))
         }
         (Method::Inverse, Factor::Diag(dv)) => {
-            let mut out = Vec::with_capacity(dv.len());
-            for (i, &v) in dv.iter().enumerate() {
-                let s = v + shift;
-                if s.is_nan() || s <= 0.0 {
-                    return Err(Error::Kernel {
-                        layer: Some(name.to_string()),
-                        source: kfac_kernels::Error::NotPositiveDefinite {
-                            what: "damped diagonal factor",
-                            pivot: i,
-                            dim: dv.len(),
-                        },
-                    });
-                }
-                out.push(1.0 / s);
-            }
+            let mut out = vec![0.0f32; dv.len()];
+            inverse::damped_inverse_diag(&mut out, dv, shift).map_err(kerr(name))?;
             Ok(FactorInv::Inv(Factor::Diag(out)))
         }
     }

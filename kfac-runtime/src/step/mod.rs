@@ -22,6 +22,8 @@ mod factors;
 mod invert;
 mod plan;
 mod precondition;
+
+pub(crate) use precondition::precondition_scratch;
 mod validate;
 
 use std::time::{Duration, Instant};
@@ -41,6 +43,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) layers: &'a [LayerState],
     pub(crate) cfg: &'a Config,
     pub(crate) pool: &'a rayon::ThreadPool,
+    /// Inversion scratch, one per pool thread plus one (see
+    /// `Preconditioner::inv_scratch`).
+    pub(crate) inv_scratch: &'a [crate::state::Scratch],
 }
 
 /// Wall time of `f` minus the communication time it spent.
@@ -69,6 +74,7 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
         layers: &p.layers,
         cfg: &p.config,
         pool: &p.pool,
+        inv_scratch: &p.inv_scratch,
     };
     let roles = plan::Roles::new(
         ctx.layers,

@@ -6,9 +6,9 @@
 use faer::prelude::Reborrow;
 
 use crate::layer::LayerGrad;
-use crate::observe::finite_mat;
 use crate::state::LayerState;
 use crate::{Error, Result};
+use kfac_kernels::check;
 
 /// Checks the gradients; returns, per layer, the index of its gradient.
 pub(crate) fn gradients(
@@ -61,7 +61,7 @@ fn validate_grad(l: &LayerState, g: &LayerGrad<'_>) -> Result<()> {
             ),
         ));
     }
-    finite_mat(&l.name, "weight gradient", g.weight.rb())?;
+    check::finite_matrix("weight gradient", g.weight.rb()).map_err(Error::kernel(&l.name))?;
     match (&g.bias, l.kind.has_bias()) {
         (Some(b), true) => {
             if b.len() != r {
@@ -70,9 +70,7 @@ fn validate_grad(l: &LayerState, g: &LayerGrad<'_>) -> Result<()> {
                     format!("bias gradient has {} values, expected {r}", b.len()),
                 ));
             }
-            if let Some(i) = b.iter().position(|v| !v.is_finite()) {
-                return Err(Error::non_finite(&l.name, format!("bias gradient at {i}")));
-            }
+            check::finite_slice("bias gradient", b).map_err(Error::kernel(&l.name))?;
         }
         (None, true) => {
             return Err(Error::mismatch(
