@@ -1,26 +1,31 @@
 //! Checkpoints: the full preconditioner state as bytes, and back.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! All integers little-endian.
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `b"KFACCKPT"` |
-//! | 8 | 4 | format version (`u32`, currently 1) |
+//! | 8 | 4 | format version (`u32`, currently 2; version 1 is read too) |
 //! | 12 | 8 | payload length in bytes (`u64`) |
 //! | 20 | 4 | CRC-32 (IEEE) of the payload (`u32`) |
 //! | 24 | .. | payload |
 //!
 //! The payload is, in order: the configuration (every field of
 //! [`Config`]); `steps`, `factor_updates` (`u64`); the
-//! current damping and learning rate (`f64`); the number of layers (`u32`);
+//! current damping and learning rate (`f64`); the loss scale set by
+//! `set_grad_scale` (`f64`, since version 2); the number of layers (`u32`);
 //! then per layer: name (`u32` length + UTF-8), kind (`u8` tag + `u64`
 //! sizes), excluded flag, the factors A and G, the micro-batch accumulators
 //! and their weight/count, and the inverse cache (`u8` tag, then matrices).
 //! A matrix is `u64 rows, u64 cols` then `rows*cols` `f32` bit patterns in
 //! column-major order; a vector is `u64 len` then values. Floats are stored
 //! bit-exactly, so a restored preconditioner continues bitwise identically.
+//!
+//! Version 2 added `Config::ignore_conv_dilation` (a `u8` flag after the
+//! wire precision) and the loss scale; a version-1 checkpoint loads with
+//! their defaults (false, 1).
 
 use crate::codec::{read_config, read_kind, write_config, write_kind, R, W};
 use crate::preconditioner::Preconditioner;
@@ -29,8 +34,11 @@ use crate::{Error, Result};
 
 /// Magic bytes at the start of every checkpoint.
 pub const MAGIC: &[u8; 8] = b"KFACCKPT";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes (it also reads every version from
+/// [`OLDEST_VERSION`] on).
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_VERSION: u32 = 1;
 const HEADER: usize = 24;
 
 impl Preconditioner {
@@ -43,6 +51,7 @@ impl Preconditioner {
         w.u64(self.factor_updates);
         w.f64(self.damping_now);
         w.f64(self.lr_now);
+        w.f64(self.grad_scale);
         w.u32(self.layers.len() as u32);
         for l in &self.layers {
             w.str(&l.name);
@@ -117,9 +126,9 @@ impl Preconditioner {
             return Err(Error::checkpoint("bad magic: not a kfac checkpoint"));
         }
         let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(Error::checkpoint(format!(
-                "format version {version} is not supported (this build reads version {VERSION})"
+                "format version {version} is not supported (this build reads versions {OLDEST_VERSION} to {VERSION})"
             )));
         }
         let mut len8 = [0u8; 8];
@@ -140,11 +149,16 @@ impl Preconditioner {
             )));
         }
         let mut r = R { b: payload, pos: 0 };
-        let config = read_config(&mut r)?;
+        let config = read_config(&mut r, version)?;
         let steps = r.u64("steps")?;
         let factor_updates = r.u64("factor_updates")?;
         let damping_now = r.f64("current damping")?;
         let lr_now = r.f64("current lr")?;
+        let grad_scale = if version >= 2 {
+            r.f64("loss scale")?
+        } else {
+            1.0
+        };
         let nl = r.u32("layer count")? as usize;
         let mut layers = Vec::new();
         for li in 0..nl {
@@ -257,6 +271,17 @@ impl Preconditioner {
                 l.name
             )));
         }
-        Preconditioner::from_parts(config, layers, steps, factor_updates, damping_now, lr_now)
+        let mut p = Preconditioner::from_parts(
+            config,
+            layers,
+            steps,
+            factor_updates,
+            damping_now,
+            lr_now,
+            1.0,
+        )?;
+        p.set_grad_scale(grad_scale)
+            .map_err(|e| Error::checkpoint(format!("stored loss scale: {e}")))?;
+        Ok(p)
     }
 }

@@ -241,9 +241,13 @@ pub(crate) fn write_config(w: &mut W, c: &Config) {
         WirePrecision::Bf16 => 1,
         WirePrecision::F16 => 2,
     });
+    // Since checkpoint format version 2.
+    w.bool(c.ignore_conv_dilation);
 }
 
-pub(crate) fn read_config(r: &mut R<'_>) -> Result<Config> {
+/// Reads a configuration written by checkpoint format `version` (fields
+/// added later take their defaults).
+pub(crate) fn read_config(r: &mut R<'_>, version: u32) -> Result<Config> {
     let damping = r.schedule("config.damping")?;
     let factor_decay = r.f64("config.factor_decay")?;
     let kl_clip = if r.bool("config.kl_clip flag")? {
@@ -286,6 +290,7 @@ pub(crate) fn read_config(r: &mut R<'_>) -> Result<Config> {
         2 => WirePrecision::F16,
         t => return Err(Error::checkpoint(format!("config.wire: unknown tag {t}"))),
     };
+    let ignore_conv_dilation = version >= 2 && r.bool("config.ignore_conv_dilation")?;
     let c = Config {
         damping,
         factor_decay,
@@ -301,6 +306,7 @@ pub(crate) fn read_config(r: &mut R<'_>) -> Result<Config> {
         threads,
         grad_worker_fraction,
         wire,
+        ignore_conv_dilation,
     };
     c.validate()
         .map_err(|e| Error::checkpoint(format!("stored configuration is invalid: {e}")))?;

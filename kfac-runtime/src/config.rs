@@ -136,7 +136,8 @@ impl Schedule {
 pub struct Config {
     /// Tikhonov damping added to the Fisher block. Default: constant 1e-3.
     pub damping: Schedule,
-    /// Running-average decay `xi` of the factors, in `[0, 1)`. Default 0.95.
+    /// Running-average decay `xi` of the factors, in `[0, 1)` (`[0, 1]` in
+    /// kfac-pytorch mode, as it accepts 1). Default 0.95.
     pub factor_decay: f64,
     /// KL clipping threshold; `None` disables clipping. Default `Some(1e-3)`.
     pub kl_clip: Option<f64>,
@@ -170,6 +171,13 @@ pub struct Config {
     pub grad_worker_fraction: f64,
     /// Precision of factor statistics on the wire. Default f32.
     pub wire: WirePrecision,
+    /// Compute conv2d A statistics as if every dilation were 1, as
+    /// kfac-pytorch 0.4 does (its patch extraction ignores dilation).
+    /// **Warning:** for a dilated conv this is not the layer's Fisher
+    /// block: the patches are not the inputs the weights multiply. Only
+    /// for reproducing kfac-pytorch's numbers; honoured dilation (the
+    /// default, false) is correct in both compat modes.
+    pub ignore_conv_dilation: bool,
 }
 
 impl Default for Config {
@@ -189,23 +197,39 @@ impl Default for Config {
             threads: 0,
             grad_worker_fraction: 1.0,
             wire: WirePrecision::F32,
+            ignore_conv_dilation: false,
         }
     }
 }
 
 impl Config {
-    /// kfac-pytorch 0.4's defaults and conventions: `compat = KfacPytorch`,
-    /// f32 eigendecompositions, precomputed denominators.
+    /// kfac-pytorch 0.4.2's `KFACPreconditioner` defaults and conventions:
+    /// `compat = KfacPytorch`, factor and inverse updates every step
+    /// (`factor_update_steps = inv_update_steps = 1`), damping 1e-3, factor
+    /// decay 0.95, KL clip 1e-3, lr 0.1, eigen method with f32
+    /// decompositions and precomputed denominators
+    /// (`compute_eigenvalue_outer_product`), gradient-worker fraction 1
+    /// (`COMM_OPT`). Dilation is honoured unless `ignore_conv_dilation` is
+    /// set (see there).
     ///
     /// ```
     /// let c = kfac_runtime::Config::kfac_pytorch();
     /// assert!(c.precompute_denominators);
+    /// assert_eq!((c.factor_update_steps, c.inv_update_steps), (1, 1));
     /// ```
     pub fn kfac_pytorch() -> Self {
         Self {
             compat: Compat::KfacPytorch,
             eigen_precision: Precision::F32,
             precompute_denominators: true,
+            factor_update_steps: 1,
+            inv_update_steps: 1,
+            damping: Schedule::Constant(1e-3),
+            factor_decay: 0.95,
+            kl_clip: Some(1e-3),
+            lr: Schedule::Constant(0.1),
+            method: Method::Eigen,
+            grad_worker_fraction: 1.0,
             ..Self::default()
         }
     }
@@ -217,10 +241,18 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.damping.validate("damping", true)?;
         self.lr.validate("lr", false)?;
-        if !(self.factor_decay.is_finite() && (0.0..1.0).contains(&self.factor_decay)) {
+        // kfac-pytorch accepts a decay of 1 (factors frozen at the identity).
+        let decay_ok = match self.compat {
+            Compat::Native => (0.0..1.0).contains(&self.factor_decay),
+            Compat::KfacPytorch => (0.0..=1.0).contains(&self.factor_decay),
+        };
+        if !(self.factor_decay.is_finite() && decay_ok) {
             return Err(Error::InvalidConfig {
                 field: "factor_decay",
-                reason: format!("{} is not in [0, 1)", self.factor_decay),
+                reason: format!(
+                    "{} is not in [0, 1) ([0, 1] in kfac-pytorch mode)",
+                    self.factor_decay
+                ),
             });
         }
         if let Some(k) = self.kl_clip {

@@ -32,6 +32,7 @@ mod config;
 mod distributed;
 mod error;
 mod exchange;
+mod inspect;
 mod layer;
 mod observe;
 mod preconditioner;
@@ -41,6 +42,7 @@ mod step;
 
 pub use config::{Compat, Config, Method, Precision, Schedule, WirePrecision};
 pub use error::{Error, ErrorKind, Result};
+pub use inspect::Decomposition;
 pub use layer::{Conv2dSpec, LayerGrad, LayerId, LayerKind, Observation};
 pub use preconditioner::Preconditioner;
 pub use stats::{StageTimes, StepStats};

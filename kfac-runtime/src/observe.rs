@@ -19,6 +19,17 @@ fn kerr(layer: &str) -> impl FnOnce(kfac_kernels::Error) -> Error + '_ {
     Error::kernel(layer)
 }
 
+/// The settings that change how an observation is accumulated.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ObserveMode {
+    pub(crate) compat: Compat,
+    /// A statistics of dilated convs as if undilated (kfac-pytorch).
+    pub(crate) ignore_conv_dilation: bool,
+    /// Output gradients are divided by this (AMP loss scale): G statistics
+    /// are multiplied by `1 / s^2`.
+    pub(crate) grad_scale: f64,
+}
+
 /// A validated observation: shapes fit the layer, token ids are in range,
 /// every value is finite (the kernels' proofs).
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +58,7 @@ pub(crate) enum Checked<'a> {
 pub(crate) fn validate_observation<'a>(
     l: &LayerState,
     obs: &Observation<'a>,
+    mode: ObserveMode,
 ) -> Result<Checked<'a>> {
     let name = &l.name;
     let (d_out, _) = l.kind.dims();
@@ -112,6 +124,13 @@ pub(crate) fn validate_observation<'a>(
             .map_err(kerr(name))?;
             let gout = ImageRef::new(output_grads, spec.layout, *batch, spec.out_channels, oh, ow)
                 .map_err(kerr(name))?;
+            // kfac-pytorch's patches ignore dilation (same kernel, stride
+            // and padding, dilation 1); its grid is never smaller.
+            let geom = if mode.ignore_conv_dilation {
+                geom.dilation(1, 1)
+            } else {
+                geom
+            };
             Ok(Checked::Conv2d {
                 input: check::finite_image(img).map_err(kerr(name))?,
                 grads: check::finite_image(gout).map_err(kerr(name))?,
@@ -204,19 +223,23 @@ pub(crate) fn unreachable_diag() -> ! {
 pub(crate) fn observe_layer(
     l: &mut LayerState,
     obs: Observation<'_>,
-    compat: Compat,
+    mode: ObserveMode,
 ) -> Result<()> {
-    let checked = validate_observation(l, &obs)?;
-    accumulate(l, checked, compat)
+    let checked = validate_observation(l, &obs, mode)?;
+    accumulate(l, checked, mode)
 }
 
 /// Adds a validated observation to the layer's accumulator. On error the
 /// accumulator is unchanged (the kernels validate before writing).
-pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, compat: Compat) -> Result<()> {
+pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, mode: ObserveMode) -> Result<()> {
+    let compat = mode.compat;
     let name = l.name.as_str();
     let first = l.acc.count == 0;
     let alpha = if first { 0.0 } else { 1.0 };
     let (beta, add_weight): (f32, f64);
+    // G statistics of unscaled output gradients: `(g / s)(g / s)^T`. With
+    // s = 1 (the default) the factor is exactly 1 and nothing changes.
+    let g_scale = (1.0 / (mode.grad_scale * mode.grad_scale)) as f32;
     match obs {
         Checked::Linear { x, g } => {
             let n = x.get().nrows();
@@ -241,7 +264,7 @@ pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, compat: Compat) -
                 factor::syrk_update_prechecked(
                     dense(&mut acc.g),
                     alpha,
-                    beta,
+                    beta * g_scale,
                     g,
                     false,
                     Par::Seq,
@@ -283,7 +306,7 @@ pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, compat: Compat) -
             conv::conv2d_g_update_prechecked(
                 dense(&mut l.acc.g),
                 alpha,
-                beta,
+                beta * g_scale,
                 grads,
                 norm,
                 Par::Seq,
@@ -306,7 +329,7 @@ pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, compat: Compat) -
                 factor::syrk_update_prechecked(
                     dense(&mut acc.g),
                     alpha,
-                    beta,
+                    beta * g_scale,
                     g,
                     false,
                     Par::Seq,
@@ -322,7 +345,7 @@ pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, compat: Compat) -
             };
             factor::accumulate_lower(dense(&mut l.acc.a), a.get(), beta, first)
                 .map_err(kerr(name))?;
-            factor::accumulate_lower(dense(&mut l.acc.g), g.get(), beta, first)
+            factor::accumulate_lower(dense(&mut l.acc.g), g.get(), beta * g_scale, first)
                 .map_err(kerr(name))?;
         }
     }

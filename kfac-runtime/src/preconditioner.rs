@@ -7,14 +7,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use faer::prelude::ReborrowMut;
-use faer::Mat;
 use rayon::prelude::*;
 
 use crate::comm::{Communicator, Local};
 use crate::config::{Config, Schedule};
 use crate::layer::{LayerGrad, LayerId, LayerKind, Observation};
-use crate::observe::{accumulate, observe_layer, validate_observation, Checked};
-use crate::state::{Factor, LayerState, Scratch};
+use crate::observe::{accumulate, observe_layer, validate_observation, Checked, ObserveMode};
+use crate::state::{LayerState, Scratch};
 use crate::stats::StepStats;
 use crate::{Error, Result};
 
@@ -31,6 +30,9 @@ pub struct Preconditioner {
     /// Current damping and learning rate (for `Schedule::PerStep`).
     pub(crate) damping_now: f64,
     pub(crate) lr_now: f64,
+    /// The caller's loss scale (AMP): observed output gradients are
+    /// divided by it. 1 unless set.
+    pub(crate) grad_scale: f64,
     pub(crate) pool: rayon::ThreadPool,
     /// Scratch of the inversion kernels: one per pool thread plus one,
     /// grown to the largest factor a thread has inverted, reused by every
@@ -80,23 +82,8 @@ impl Preconditioner {
     /// [`Error::InvalidConfig`] for a bad configuration,
     /// [`Error::ThreadPool`] if the pool cannot be built.
     pub fn new(config: Config) -> Result<Self> {
-        config.validate()?;
-        let pool = build_pool(config.threads)?;
-        Ok(Self {
-            damping_now: config.damping.at(0),
-            lr_now: config.lr.at(0),
-            config,
-            layers: Vec::new(),
-            names: HashMap::new(),
-            steps: 0,
-            factor_updates: 0,
-            inv_scratch: inv_scratch(&pool)?,
-            pool,
-            observe_time: Duration::ZERO,
-            comm_time: Duration::ZERO,
-            last: None,
-            comm: Box::new(Local::new()),
-        })
+        let (damping, lr) = (config.damping.at(0), config.lr.at(0));
+        Self::from_parts(config, Vec::new(), 0, 0, damping, lr, 1.0)
     }
 
     pub(crate) fn from_parts(
@@ -106,6 +93,7 @@ impl Preconditioner {
         factor_updates: u64,
         damping_now: f64,
         lr_now: f64,
+        grad_scale: f64,
     ) -> Result<Self> {
         config.validate()?;
         let pool = build_pool(config.threads)?;
@@ -122,6 +110,7 @@ impl Preconditioner {
             factor_updates,
             damping_now,
             lr_now,
+            grad_scale,
             inv_scratch: inv_scratch(&pool)?,
             pool,
             observe_time: Duration::ZERO,
@@ -181,7 +170,7 @@ impl Preconditioner {
         Ok(&self.layer(id)?.kind)
     }
 
-    fn layer(&self, id: LayerId) -> Result<&LayerState> {
+    pub(crate) fn layer(&self, id: LayerId) -> Result<&LayerState> {
         self.layers.get(id.0).ok_or(Error::UnknownLayer {
             id: id.0,
             registered: self.layers.len(),
@@ -245,6 +234,42 @@ impl Preconditioner {
         Ok(())
     }
 
+    /// Sets the loss scale of mixed-precision training (kfac-pytorch's
+    /// `grad_scaler`): output gradients observed from now on are divided by
+    /// `scale` before their statistics are taken, so the G factors see the
+    /// unscaled gradients (`G` statistics are multiplied by `1 / scale^2`,
+    /// exactly when `scale` is a power of two, as AMP scales are). The
+    /// weight gradients passed to `step` must already be unscaled. Saved in
+    /// checkpoints; 1 by default.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] unless `scale` is finite and `> 0` and
+    /// `1 / scale^2` is a finite non-zero f32.
+    pub fn set_grad_scale(&mut self, scale: f64) -> Result<()> {
+        let g = 1.0 / (scale * scale);
+        if !(scale.is_finite() && scale > 0.0 && (g as f32).is_normal()) {
+            return Err(Error::InvalidConfig {
+                field: "grad_scale",
+                reason: format!("{scale} is not a finite scale > 0 with 1/scale^2 a normal f32"),
+            });
+        }
+        self.grad_scale = scale;
+        Ok(())
+    }
+
+    /// The loss scale set by [`set_grad_scale`](Self::set_grad_scale).
+    pub fn grad_scale(&self) -> f64 {
+        self.grad_scale
+    }
+
+    fn observe_mode(&self) -> ObserveMode {
+        ObserveMode {
+            compat: self.config.compat,
+            ignore_conv_dilation: self.config.ignore_conv_dilation,
+            grad_scale: self.grad_scale,
+        }
+    }
+
     fn current(&self, s: &Schedule, now: f64) -> f64 {
         match s {
             Schedule::PerStep(_) => now,
@@ -272,13 +297,13 @@ impl Preconditioner {
     /// is unchanged on error.
     pub fn observe(&mut self, layer: LayerId, obs: Observation<'_>) -> Result<()> {
         let t0 = Instant::now();
-        let compat = self.config.compat;
+        let mode = self.observe_mode();
         let n = self.layers.len();
         let l = self.layers.get_mut(layer.0).ok_or(Error::UnknownLayer {
             id: layer.0,
             registered: n,
         })?;
-        observe_layer(l, obs, compat)?;
+        observe_layer(l, obs, mode)?;
         self.observe_time += t0.elapsed();
         Ok(())
     }
@@ -291,7 +316,7 @@ impl Preconditioner {
     /// As [`observe`](Self::observe); also a layer listed twice.
     pub fn observe_all(&mut self, obs: &[(LayerId, Observation<'_>)]) -> Result<()> {
         let t0 = Instant::now();
-        let compat = self.config.compat;
+        let mode = self.observe_mode();
         let mut slot: Vec<Option<Checked<'_>>> = vec![None; self.layers.len()];
         for (id, o) in obs {
             let n = self.layers.len();
@@ -305,35 +330,19 @@ impl Preconditioner {
                     "observed twice in one observe_all".into(),
                 ));
             }
-            *s = Some(validate_observation(&self.layers[id.0], o)?);
+            *s = Some(validate_observation(&self.layers[id.0], o, mode)?);
         }
         self.pool.install(|| {
             self.layers
                 .par_iter_mut()
                 .zip(slot.par_iter())
                 .try_for_each(|(l, o)| match o {
-                    Some(o) => accumulate(l, *o, compat),
+                    Some(o) => accumulate(l, *o, mode),
                     None => Ok(()),
                 })
         })?;
         self.observe_time += t0.elapsed();
         Ok(())
-    }
-
-    /// Copies of a layer's current factors `(A, G)` as full symmetric
-    /// matrices (a diagonal A expanded), for inspection and tests.
-    ///
-    /// # Errors
-    /// [`Error::UnknownLayer`].
-    pub fn factors(&self, id: LayerId) -> Result<(Mat<f32>, Mat<f32>)> {
-        let l = self.layer(id)?;
-        let full = |f: &Factor| match f {
-            Factor::Dense(m) => m.clone(),
-            Factor::Diag(d) => {
-                Mat::from_fn(d.len(), d.len(), |i, j| if i == j { d[i] } else { 0.0 })
-            }
-        };
-        Ok((full(&l.a), full(&l.g)))
     }
 
     /// Statistics of the last completed step.

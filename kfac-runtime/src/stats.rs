@@ -32,6 +32,9 @@ pub struct StepStats {
     pub kl_scale: f64,
     /// `Σ_l <V_l, grad_l>` before clipping.
     pub vg_sum: f64,
+    /// `lr² Σ_l <V_l, grad_l>`: kfac-pytorch's `vg_sum` (its KL-clipping
+    /// sum includes the learning rate squared), for comparing runs.
+    pub vg_sum_lr2: f64,
     /// Damping used.
     pub damping: f64,
     /// Learning rate used for KL clipping.

@@ -122,6 +122,7 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
         inverses_updated: plan.inv_due,
         kl_scale: nu,
         vg_sum: vg,
+        vg_sum_lr2: plan.lr * plan.lr * vg,
         damping: plan.damping,
         lr: plan.lr,
         times: StageTimes {
