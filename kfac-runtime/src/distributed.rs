@@ -2,21 +2,29 @@
 //! gradient-worker groups, the configuration digest, and the wire formats
 //! of reduced statistics and shared decompositions.
 //!
-//! Per step with P ranks, L layers, factor dims `d_A`, `d_G` (f32 = 4 bytes):
+//! Bytes moved per step with P ranks, L layers, factor dims `d_A`, `d_G`,
+//! gradient-worker groups of `m = max(1, round(f P))` ranks (f32 = 4
+//! bytes; what `StepStats::bytes_sent`/`bytes_received` count, checked by
+//! `tests/distributed.rs`):
 //!
-//! * factor step: one collective over every layer's packed lower
-//!   triangles, `Σ (d_A (d_A + 1) + d_G (d_G + 1)) / 2` values (an allreduce
-//!   in f32, or an allgather of 2-byte values for bf16/f16);
-//! * inverse step: each factor is decomposed by its owner only (greedy
-//!   longest-processing-time assignment on `d^3`), then broadcast from it:
-//!   eigen method `d^2 + d` values per factor, inverse method `d^2`;
-//!   gradient-worker fraction `f = 1`: every rank keeps every
-//!   decomposition (memory `Σ (d_A^2 + d_G^2)` per rank) and preconditions
-//!   every layer, nothing else moves; `f < 1`: only the `max(1, round(f P))`
-//!   ranks of the owner's group keep a layer's decompositions (memory divided
-//!   by about `1/f`; other ranks skip the copy), and each layer's
-//!   preconditioned gradient (`d_out d` values) is broadcast from its owner
-//!   every step.
+//! * factor update: every rank sends and receives its packed lower
+//!   triangles, `4 Σ (d_A (d_A + 1) + d_G (d_G + 1)) / 2` bytes, and `8 L`
+//!   bytes of sample weights (an f32 allreduce; bf16/f16: 2-byte values
+//!   allgathered, so `P` times that is received);
+//! * inversion: each factor is decomposed by its owner only (greedy
+//!   longest-processing-time assignment on `d^3`) and sent once from it:
+//!   eigen method `4 (d^2 + d)` bytes per factor, inverse method `4 d^2`;
+//!   received by the members of the layer's group other than the owner
+//!   (`P - 1` ranks for `f = 1`, at most `m` for `f < 1`; the others take
+//!   part in the broadcast without copying);
+//! * preconditioned gradients, every step, only for `f < 1`: each layer's
+//!   lead sends `V` (`4 d_out d_A` bytes) once, received by the `P - m`
+//!   ranks outside the group; members keep the `V` they computed.
+//!
+//! Memory: a rank keeps the decompositions of its groups' layers only
+//! (about `f` of them). So `f = 1` moves the most at an inversion step and
+//! nothing between inversions; `f = 1/P` moves the least decompositions
+//! and the most gradients; a value between trades the two.
 
 use faer::Mat;
 use kfac_kernels::packed;

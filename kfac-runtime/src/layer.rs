@@ -178,9 +178,11 @@ impl LayerKind {
         let Some(bytes) = bytes else {
             return Err(bad("dimensions overflow"));
         };
-        // The state is allocated at the first observation, where running
-        // out of memory would abort the process; probe now (address space
-        // only, nothing is touched) so an impossible size is an error.
+        // The state is allocated right after this check (factors,
+        // accumulators and scratch at registration; new factors and
+        // decompositions beside the old ones during a step). Probe first
+        // (address space only, nothing is touched) so an impossible size is
+        // an error naming the bytes, not an allocation abort.
         let mut probe: Vec<u8> = Vec::new();
         if probe.try_reserve_exact(bytes).is_err() {
             return Err(bad(&format!(

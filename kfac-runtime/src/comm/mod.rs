@@ -2,8 +2,10 @@
 //!
 //! [`Communicator`] carries every collective K-FAC needs: allreduce (sum)
 //! of f32/f64 slices, reduce to one rank, broadcast, allgather with per-rank
-//! sizes, and barrier. Every collective is bounded by a timeout and returns a
-//! [`CommError`] rather than blocking forever.
+//! sizes, and barrier. Every collective of the communicators in this module
+//! is bounded by a timeout and returns a [`CommError`] rather than blocking
+//! forever; a communicator implemented outside (e.g. the C ABI's, built
+//! from a caller's callbacks) is bounded only if its implementation is.
 //!
 //! Implementations: [`Local`] (one process, world size 1),
 //! [`ShmGroup`](shm::ShmGroup) (processes on one machine over POSIX shared
