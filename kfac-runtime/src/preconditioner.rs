@@ -137,6 +137,12 @@ impl Preconditioner {
         self.comm = comm;
     }
 
+    /// Takes the communicator out (leaving a single-process one), e.g. to
+    /// reuse a group for another preconditioner.
+    pub fn take_communicator(&mut self) -> Box<dyn Communicator> {
+        std::mem::replace(&mut self.comm, Box::new(Local::new()))
+    }
+
     /// This process's rank and the world size.
     pub fn rank_and_size(&self) -> (usize, usize) {
         (self.comm.rank(), self.comm.size())
