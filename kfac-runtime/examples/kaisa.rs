@@ -111,10 +111,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Sums (bytes) and maximum (time) over the ranks, on rank 0.
         comm = p.take_communicator();
         let mut v: Vec<f64> = rows.iter().flatten().copied().collect();
-        let mut t = vec![rows[0][2].max(rows[1][2])];
+        let mine = rows[0][2].max(rows[1][2]);
         comm.allreduce_f64(&mut v)?;
-        let (all, _) = comm.allgather_bytes(&t[0].to_le_bytes())?;
-        t[0] = all
+        let (all, _) = comm.allgather_bytes(&mine.to_le_bytes())?;
+        let slowest = all
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
             .fold(0.0, f64::max);
@@ -125,7 +125,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 v[0] / 1e6,
                 v[1] / 1e6,
                 v[4] / 1e6,
-                t[0] * 1e3
+                slowest * 1e3
             );
         }
     }
