@@ -83,7 +83,11 @@ pub(crate) fn run(
                     };
                     let th = if tasks.len() == 1 { threads } else { 1 };
                     // One scratch per pool thread (index 0 also serves a
-                    // caller outside the pool).
+                    // caller outside the pool). A task holds its thread's
+                    // scratch while it runs; it may use the pool itself
+                    // (`th > 1`) only when it is the only task, so no other
+                    // inversion can be stolen onto this thread and wait for
+                    // the same scratch.
                     let slot = rayon::current_thread_index().map_or(0, |i| i + 1);
                     let scratch = &ctx.inv_scratch[slot.min(ctx.inv_scratch.len() - 1)];
                     invert_one(&layers[li].name, factor_of(t), cfg, shift, th, scratch)
