@@ -41,10 +41,12 @@
 #include <stdint.h>
 
 // Version of the C ABI: bumped on any incompatible change of a function or
-// struct in this header. 2: `struct_size` first in `KfacConfig` and
-// `KfacCollectives` (`KfacConfig`'s fields reordered), the `struct_size`
-// arguments of `kfac_config_default`, read-only calls take
-// `const KfacPrecond *`, `KFAC_ERR_RESOURCE`.
+// struct in this header. 2: `struct_size` first in `KfacConfig` (whose
+// fields were reordered) and `KfacCollectives`; `kfac_config_default`
+// takes the caller's `struct_size`; read-only calls take
+// `const KfacPrecond *`; new `KFAC_ERR_RESOURCE`, `kfac_status_string`,
+// `kfac_config_kfac_pytorch`, `kfac_collectives_init`, `kfac_steps`,
+// `kfac_num_layers`.
 #define KFAC_ABI_VERSION 2
 
 // The largest `struct_size` accepted: a value above it is garbage (for

@@ -4,10 +4,12 @@ use std::ffi::{c_char, CString};
 use std::sync::OnceLock;
 
 /// Version of the C ABI: bumped on any incompatible change of a function or
-/// struct in this header. 2: `struct_size` first in `KfacConfig` and
-/// `KfacCollectives` (`KfacConfig`'s fields reordered), the `struct_size`
-/// arguments of `kfac_config_default`, read-only calls take
-/// `const KfacPrecond *`, `KFAC_ERR_RESOURCE`.
+/// struct in this header. 2: `struct_size` first in `KfacConfig` (whose
+/// fields were reordered) and `KfacCollectives`; `kfac_config_default`
+/// takes the caller's `struct_size`; read-only calls take
+/// `const KfacPrecond *`; new `KFAC_ERR_RESOURCE`, `kfac_status_string`,
+/// `kfac_config_kfac_pytorch`, `kfac_collectives_init`, `kfac_steps`,
+/// `kfac_num_layers`.
 pub const KFAC_ABI_VERSION: u32 = 2;
 
 /// The library version as a static string, e.g. "0.1.0".
