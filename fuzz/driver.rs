@@ -8,7 +8,9 @@
 //! of small or overflowing sizes, observations with arbitrary leading
 //! dimensions, NULL pointers, NaN/Inf data and out-of-range token ids,
 //! steps with aliased, missing or mismatched gradient buffers, corrupted
-//! checkpoints, caller collectives that fail, and freed handles.
+//! checkpoints, caller collectives that fail, freed handles, and
+//! `struct_size` edge cases of `KfacConfig` and `KfacCollectives` (too
+//! small, larger with zero or non-zero extra bytes, garbage).
 //!
 //! The driver keeps the caller's side of the contract: every pointer it
 //! passes is NULL, a handle the library gave out (possibly freed), or a
@@ -94,6 +96,91 @@ struct FuzzConfig {
     wire: u32,
     /// Use the defaults for most fields (so that runs get past creation).
     mostly_default: bool,
+    /// `struct_size` of the config (`None`: `sizeof(KfacConfig)`).
+    size: Option<StructSize>,
+}
+
+/// A `struct_size` edge case.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum StructSize {
+    /// Smaller than the struct (refused).
+    Short(u8),
+    /// Larger by 1..=TAIL bytes, all zero (accepted) or one of them set
+    /// (refused).
+    Longer { extra: u8, poke: Option<u8> },
+    /// Beyond `KFAC_MAX_STRUCT_SIZE` (refused before anything past
+    /// `struct_size` is read).
+    Garbage(u8),
+}
+
+/// Extra bytes after an extensible struct, for `struct_size`s larger than
+/// it (a caller built against a newer header).
+const TAIL: usize = 64;
+
+/// An extensible struct followed by `TAIL` bytes (`tail` starts exactly at
+/// `size_of::<T>()`: `T`'s size is a multiple of its alignment).
+#[repr(C)]
+struct WithTail<T> {
+    v: T,
+    tail: [u8; TAIL],
+}
+
+impl StructSize {
+    /// The `struct_size` for a struct of `cur` bytes, whether the library
+    /// must accept it, and the index of a tail byte to set non-zero.
+    fn value(self, cur: usize) -> (usize, bool, Option<usize>) {
+        match self {
+            StructSize::Short(k) => (cur - 1 - k as usize % cur, false, None),
+            StructSize::Longer { extra, poke } => {
+                let e = 1 + extra as usize % TAIL;
+                let at = poke.map(|i| i as usize % e);
+                (cur + e, at.is_none(), at)
+            }
+            StructSize::Garbage(k) if k % 2 == 0 => (usize::MAX, false, None),
+            StructSize::Garbage(k) => (KFAC_MAX_STRUCT_SIZE + 1 + k as usize, false, None),
+        }
+    }
+}
+
+/// Checks `kfac_config_default` with `size` on a struct with a tail, then
+/// returns a default config with `struct_size` (and the tail) set as
+/// `size` says, and whether `kfac_precond_create` must accept it.
+unsafe fn sized_config(size: Option<StructSize>) -> (Box<WithTail<KfacConfig>>, bool) {
+    use std::mem::size_of;
+    let cur = size_of::<KfacConfig>();
+    let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur));
+    // SAFETY: all-zero is a valid KfacConfig (integers and floats).
+    let zero = unsafe { std::mem::zeroed::<KfacConfig>() };
+    let mut w = Box::new(WithTail {
+        v: zero,
+        tail: [0xa5; TAIL],
+    });
+    // The writer: the documented fields, zeros past them, or nothing.
+    // SAFETY: `w` has `cur + TAIL` writable bytes, and `n` is at most that
+    // unless it exceeds KFAC_MAX_STRUCT_SIZE (refused before any write).
+    let st = unsafe { kfac_config_default(&mut w.v, n) };
+    if n >= cur && n <= cur + TAIL {
+        assert_eq!(st, KfacStatus::KFAC_OK);
+        assert_eq!(w.v.struct_size, n);
+        assert!(w.tail[..n - cur].iter().all(|&b| b == 0), "tail not zeroed");
+        assert!(
+            w.tail[n - cur..].iter().all(|&b| b == 0xa5),
+            "wrote past struct_size"
+        );
+    } else {
+        assert_eq!(st, KfacStatus::KFAC_ERR_INVALID_ARGUMENT);
+        assert_eq!(w.v.struct_size, 0, "a refused struct_size was written");
+    }
+    // The reader's input.
+    // SAFETY: as above, with the size of the struct itself.
+    let st = unsafe { kfac_config_default(&mut w.v, cur) };
+    assert_eq!(st, KfacStatus::KFAC_OK);
+    w.tail = [0; TAIL];
+    w.v.struct_size = n;
+    if let Some(i) = poke {
+        w.tail[i] = 1;
+    }
+    (w, ok)
 }
 
 #[derive(Arbitrary, Debug)]
@@ -103,8 +190,13 @@ enum CommKind {
     /// `kfac_comm_local`.
     Local,
     /// Caller collectives of `world_size` ranks that do nothing but may
-    /// fail (a "rank" of a group whose peers are all identical).
-    Callbacks { world_size: u8, fail_after: u8 },
+    /// fail (a "rank" of a group whose peers are all identical), with the
+    /// given `struct_size` (`None`: `sizeof(KfacCollectives)`).
+    Callbacks {
+        world_size: u8,
+        fail_after: u8,
+        size: Option<StructSize>,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -345,7 +437,10 @@ pub fn run(data: &[u8]) -> Summary {
     // SAFETY: see the module docs: the driver keeps the caller's contract.
     unsafe {
         let mut c = std::mem::zeroed::<KfacConfig>();
-        assert_eq!(kfac_config_default(&mut c), KfacStatus::KFAC_OK);
+        assert_eq!(
+            kfac_config_default(&mut c, std::mem::size_of::<KfacConfig>()),
+            KfacStatus::KFAC_OK
+        );
         c.threads = 1;
         c.inv_update_steps = 2;
         assert_eq!(
@@ -409,8 +504,8 @@ unsafe fn one(
     unsafe {
         match call {
             Call::Create { cfg, comm } => {
-                let mut c = std::mem::zeroed::<KfacConfig>();
-                assert_eq!(kfac_config_default(&mut c), KFAC_OK);
+                let (mut wide, size_ok) = sized_config(cfg.size);
+                let c = &mut wide.v;
                 c.threads = 1;
                 if !cfg.mostly_default {
                     c.damping = cfg.damping;
@@ -436,6 +531,7 @@ unsafe fn one(
                     CommKind::Callbacks {
                         world_size,
                         fail_after,
+                        size,
                     } => {
                         let ws = (world_size % 4) as u32;
                         let cb_state = Box::into_raw(Box::new(CallbackState {
@@ -443,17 +539,30 @@ unsafe fn one(
                             world: ws as usize,
                         }));
                         cb_states.push(cb_state);
-                        let coll = KfacCollectives {
-                            user_data: cb_state as *mut c_void,
-                            rank: 0,
-                            world_size: ws,
-                            allreduce: Some(cb_allreduce),
-                            broadcast: Some(cb_broadcast),
-                            allgather: Some(cb_allgather),
-                            barrier: Some(cb_barrier),
+                        let cur = std::mem::size_of::<KfacCollectives>();
+                        let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur));
+                        let mut coll = WithTail {
+                            v: std::mem::zeroed::<KfacCollectives>(),
+                            tail: [0; TAIL],
                         };
+                        assert_eq!(kfac_collectives_init(&mut coll.v, cur), KFAC_OK);
+                        assert_eq!(coll.v.struct_size, cur);
+                        coll.v.struct_size = n;
+                        if let Some(i) = poke {
+                            coll.tail[i] = 1;
+                        }
+                        coll.v.user_data = cb_state as *mut c_void;
+                        coll.v.rank = 0;
+                        coll.v.world_size = ws;
+                        coll.v.allreduce = Some(cb_allreduce);
+                        coll.v.broadcast = Some(cb_broadcast);
+                        coll.v.allgather = Some(cb_allgather);
+                        coll.v.barrier = Some(cb_barrier);
                         let mut h = ptr::null_mut();
-                        let st = kfac_comm_from_callbacks(&coll, &mut h);
+                        let st = kfac_comm_from_callbacks(&coll.v, &mut h);
+                        if !ok {
+                            assert_eq!(st, KFAC_ERR_INVALID_ARGUMENT, "struct_size {n}");
+                        }
                         if st != KFAC_OK {
                             return st;
                         }
@@ -461,7 +570,10 @@ unsafe fn one(
                     }
                 };
                 let mut q = ptr::null_mut();
-                let st = kfac_precond_create(&c, comm_ptr, &mut q);
+                let st = kfac_precond_create(&wide.v, comm_ptr, &mut q);
+                if !size_ok {
+                    assert_eq!(st, KFAC_ERR_INVALID_ARGUMENT, "{:?}", cfg.size);
+                }
                 if st == KFAC_OK {
                     let _ = kfac_precond_free(*p);
                     freed.push(*p);

@@ -3,7 +3,8 @@
 // Handles are move-only and freed by their destructors; every failing call
 // throws kfac::Error carrying the status and the library's message. Matrix
 // arguments are span-like views (pointer, rows, cols, leading dimension),
-// row-major, read or written only during the call.
+// row-major, read or written only during the call. Every function of
+// kfac.h is reachable from here (a test checks it).
 #ifndef KFAC_HPP
 #define KFAC_HPP
 
@@ -24,6 +25,8 @@ class Error : public std::runtime_error {
   Error(KfacStatus status, const std::string& message)
       : std::runtime_error(message), status_(status) {}
   KfacStatus status() const noexcept { return status_; }
+  /// The status's static description (kfac_status_string).
+  const char* status_string() const noexcept { return kfac_status_string(status_); }
 
  private:
   KfacStatus status_;
@@ -32,6 +35,35 @@ class Error : public std::runtime_error {
 /// Throws kfac::Error unless `s` is KFAC_OK.
 inline void check(KfacStatus s) {
   if (s != KFAC_OK) throw Error(s, kfac_last_error());
+}
+
+/// The library version ("0.1.0") and its number (major*10000+minor*100+patch).
+inline std::string version_string() { return kfac_version_string(); }
+inline std::uint32_t version() noexcept { return kfac_version(); }
+/// The ABI version of the library; equals KFAC_ABI_VERSION of a matching header.
+inline std::uint32_t abi_version() noexcept { return kfac_abi_version(); }
+/// Whether the library was built with MPI (Comm::mpi works).
+inline bool has_mpi() noexcept { return kfac_has_mpi() != 0; }
+/// Throws kfac::Error with KFAC_ERR_PANIC (tests that no panic escapes).
+inline void test_panic() { check(kfac_test_panic()); }
+
+/// kfac_config_default: the documented defaults, struct_size set.
+inline KfacConfig default_config() {
+  KfacConfig c;
+  check(kfac_config_default(&c, sizeof c));
+  return c;
+}
+/// kfac_config_kfac_pytorch: kfac-pytorch 0.4's defaults and conventions.
+inline KfacConfig kfac_pytorch_config() {
+  KfacConfig c;
+  check(kfac_config_kfac_pytorch(&c, sizeof c));
+  return c;
+}
+/// kfac_collectives_init: zeroed, struct_size set; fill in the callbacks.
+inline KfacCollectives collectives() {
+  KfacCollectives c;
+  check(kfac_collectives_init(&c, sizeof c));
+  return c;
 }
 
 /// A row-major matrix view: `rows x cols`, `ld` elements between rows.
@@ -43,7 +75,7 @@ struct MatrixView {
   std::size_t ld;
 };
 
-/// A communicator (single process or shared-memory group).
+/// A communicator (single process, shared-memory group, MPI or callbacks).
 class Comm {
  public:
   static Comm local() {
@@ -55,6 +87,26 @@ class Comm {
   static Comm shm_from_env(std::uint64_t timeout_ms = 60000) {
     KfacComm* h = nullptr;
     check(kfac_comm_shm_from_env(timeout_ms, &h));
+    return Comm(h);
+  }
+  /// Joins (rank 0: creates) the shared-memory group `group`.
+  static Comm shm_join(const std::string& group, std::uint32_t rank, std::uint32_t world_size,
+                       std::uint64_t timeout_ms = 60000) {
+    KfacComm* h = nullptr;
+    check(kfac_comm_shm_join(group.c_str(), rank, world_size, timeout_ms, &h));
+    return Comm(h);
+  }
+  /// Over an MPI communicator, passed as MPI_Comm_c2f(comm) (see kfac.h).
+  static Comm mpi(std::int32_t fortran_comm, bool hierarchical = false,
+                  std::uint64_t timeout_ms = 60000) {
+    KfacComm* h = nullptr;
+    check(kfac_comm_mpi(fortran_comm, hierarchical ? 1u : 0u, timeout_ms, &h));
+    return Comm(h);
+  }
+  /// Over caller collectives (start from kfac::collectives()).
+  static Comm from_callbacks(const KfacCollectives& c) {
+    KfacComm* h = nullptr;
+    check(kfac_comm_from_callbacks(&c, &h));
     return Comm(h);
   }
   Comm(Comm&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
@@ -87,11 +139,8 @@ class Comm {
 /// A K-FAC preconditioner.
 class Preconditioner {
  public:
-  static KfacConfig default_config() {
-    KfacConfig c;
-    check(kfac_config_default(&c));
-    return c;
-  }
+  static KfacConfig default_config() { return kfac::default_config(); }
+  static KfacConfig kfac_pytorch_config() { return kfac::kfac_pytorch_config(); }
   /// `comm` may be null (single process); its connection is taken over.
   explicit Preconditioner(const KfacConfig& cfg, Comm* comm = nullptr) {
     check(kfac_precond_create(&cfg, comm ? comm->get() : nullptr, &h_));
@@ -153,6 +202,18 @@ class Preconditioner {
     KfacStepStats s{};
     check(kfac_last_stats(h_, &s));
     return s;
+  }
+  /// Number of completed steps.
+  std::uint64_t steps() const {
+    std::uint64_t n = 0;
+    check(kfac_steps(h_, &n));
+    return n;
+  }
+  /// Number of registered layers.
+  std::size_t num_layers() const {
+    std::size_t n = 0;
+    check(kfac_num_layers(h_, &n));
+    return n;
   }
   void observe_linear(std::uint32_t id, MatrixView<const float> a, MatrixView<const float> g) {
     if (a.rows != g.rows) throw Error(KFAC_ERR_SHAPE, "activations and gradients differ in rows");

@@ -92,7 +92,15 @@ static float X[N][IN], Y[N][OUT], G[STEPS][N][OUT];
 static void *train(void *arg) {
   Rank *r = arg;
   KfacComm *comm = NULL;
-  KfacCollectives c = {r, r->rank, r->world, allreduce_cb, broadcast_cb, allgather_cb, barrier_cb};
+  KfacCollectives c;
+  kfac_collectives_init(&c, sizeof c);
+  c.user_data = r;
+  c.rank = r->rank;
+  c.world_size = r->world;
+  c.allreduce = allreduce_cb;
+  c.broadcast = broadcast_cb;
+  c.allgather = allgather_cb;
+  c.barrier = barrier_cb;
   if (r->world == 1) {
     r->status = kfac_comm_local(&comm);
   } else {
@@ -100,7 +108,7 @@ static void *train(void *arg) {
   }
   if (r->status) return NULL;
   KfacConfig cfg;
-  kfac_config_default(&cfg);
+  kfac_config_default(&cfg, sizeof cfg);
   cfg.damping = 1e-3;
   cfg.kl_clip = 0.0;
   cfg.inv_update_steps = 5;
@@ -192,7 +200,15 @@ int main(void) {
   }
 
   /* A failing callback surfaces as KFAC_ERR_COMM on the calling rank. */
-  KfacCollectives c = {&ranks[0], 0, 2, allreduce_cb, broadcast_cb, allgather_cb, barrier_cb};
+  KfacCollectives c;
+  kfac_collectives_init(&c, sizeof c);
+  c.user_data = &ranks[0];
+  c.rank = 0;
+  c.world_size = 2;
+  c.allreduce = allreduce_cb;
+  c.broadcast = broadcast_cb;
+  c.allgather = allgather_cb;
+  c.barrier = barrier_cb;
   Shared solo;
   pthread_barrier_init(&solo.bar, NULL, 1);
   solo.fail_allreduce = 1;
@@ -201,7 +217,7 @@ int main(void) {
   KfacComm *comm = NULL;
   KfacPrecond *p = NULL;
   KfacConfig cfg;
-  kfac_config_default(&cfg);
+  kfac_config_default(&cfg, sizeof cfg);
   uint32_t id;
   if (kfac_comm_from_callbacks(&c, &comm) || kfac_precond_create(&cfg, comm, &p) ||
       kfac_register_linear(p, "fc", IN, OUT, 1, &id)) {

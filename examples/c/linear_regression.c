@@ -6,7 +6,8 @@
  * gradients itself, and all ranks end with the same weights.
  *
  * Also exercises the error paths: NULL pointers, a freed handle, a caught
- * internal panic, a short save buffer, and a checkpoint round trip.
+ * internal panic, a bad struct_size, a short save buffer, and a checkpoint
+ * round trip.
  *
  * Exit status 0 when the model fits and every check holds.
  */
@@ -70,7 +71,7 @@ int main(void) {
   CHECK(kfac_comm_rank(comm, &rank, &world) == KFAC_OK, "rank");
 
   KfacConfig cfg;
-  CHECK(kfac_config_default(&cfg) == KFAC_OK, "defaults");
+  CHECK(kfac_config_default(&cfg, sizeof cfg) == KFAC_OK, "defaults");
   cfg.damping = 1e-3;
   cfg.kl_clip = 0.0; /* off */
   cfg.inv_update_steps = 5;
@@ -85,7 +86,16 @@ int main(void) {
   CHECK(kfac_register_linear(NULL, "x", 1, 1, 0, &id) == KFAC_ERR_NULL, "NULL handle");
   CHECK(kfac_register_linear(p, "fc", IN, OUT, 1, &id) == KFAC_ERR_INVALID_ARGUMENT, "duplicate");
   CHECK(kfac_observe_linear(p, id, &x[0][0], N, IN - 1, NULL, OUT) != KFAC_OK, "bad lda");
+  {
+    KfacConfig old = cfg;
+    KfacPrecond *none = NULL;
+    old.struct_size = sizeof old - 8; /* smaller than any KfacConfig */
+    CHECK(kfac_precond_create(&old, NULL, &none) == KFAC_ERR_INVALID_ARGUMENT && none == NULL,
+          "short struct_size");
+  }
   CHECK(kfac_test_panic() == KFAC_ERR_PANIC, "panic is caught");
+  CHECK(strstr(kfac_status_string(KFAC_ERR_PANIC), "KFAC_ERR_PANIC") != NULL, "status string");
+  CHECK(strcmp(kfac_status_string(-1), "unknown status") == 0, "unknown status string");
   CHECK(strstr(kfac_last_error(), "panic") != NULL, "panic message");
 
   float w[OUT][IN] = {{0}}, b[OUT] = {0};

@@ -84,7 +84,7 @@ int main(int argc, char **argv) {
 #endif
   if (kfac_comm_rank(comm, &rank, &world)) return die("rank");
   KfacConfig cfg;
-  kfac_config_default(&cfg);
+  kfac_config_default(&cfg, sizeof cfg);
   cfg.damping = 1e-2;
   cfg.kl_clip = 1e-2;
   cfg.lr = 1.0;

@@ -83,11 +83,12 @@ int main() {
       for (int j = 0; j < kIn; j++) err += std::fabs(w[i * kIn + j] - wstar[i * kIn + j]);
     }
     kfac::Preconditioner q = kfac::Preconditioner::load(p.save());
-    (void)q;
-    std::printf("rank %u/%u: |W-W*|+|b-b*| = %.3g, %s\n", rank, world, err, err < 1e-2 ? "ok" : "FAILED");
-    return err < 1e-2 ? 0 : 1;
+    const bool restored = q.steps() == static_cast<std::uint64_t>(kSteps) && q.num_layers() == 1;
+    const bool ok = err < 1e-2 && restored;
+    std::printf("rank %u/%u: |W-W*|+|b-b*| = %.3g, %s\n", rank, world, err, ok ? "ok" : "FAILED");
+    return ok ? 0 : 1;
   } catch (const kfac::Error& e) {
-    std::fprintf(stderr, "kfac error %d: %s\n", static_cast<int>(e.status()), e.what());
+    std::fprintf(stderr, "kfac error %s: %s\n", e.status_string(), e.what());
     return 1;
   }
 }

@@ -118,7 +118,10 @@ unsafe fn c_precond(s: &Setup) -> *mut KfacPrecond {
     // SAFETY: valid pointers and sizes throughout.
     unsafe {
         let mut cfg = std::mem::zeroed::<KfacConfig>();
-        assert_eq!(kfac_config_default(&mut cfg), KfacStatus::KFAC_OK);
+        assert_eq!(
+            kfac_config_default(&mut cfg, std::mem::size_of::<KfacConfig>()),
+            KfacStatus::KFAC_OK
+        );
         cfg.threads = 1;
         cfg.factor_update_steps = 1 << 40;
         cfg.inv_update_steps = 1 << 40;

@@ -62,7 +62,7 @@ static double max_abs(const float *x, int n) {
 
 int main(void) {
   KfacConfig cfg;
-  kfac_config_default(&cfg);
+  kfac_config_default(&cfg, sizeof cfg);
   cfg.damping = 0.1;
   cfg.threads = 1;
   KfacPrecond *p = NULL;

@@ -261,6 +261,20 @@ impl HierComm {
         Self::build(unsafe { MpiComm::from_raw(comm, opts.mpi)? }, opts)
     }
 
+    /// Over the ranks of the communicator whose Fortran handle is `fcomm`
+    /// (`MPI_Comm_c2f(comm)`; duplicated, it stays the caller's), for C
+    /// callers. Collective over the communicator.
+    ///
+    /// # Safety
+    /// As [`MpiComm::from_fortran`].
+    ///
+    /// # Errors
+    /// As [`world`](Self::world).
+    pub unsafe fn from_fortran(fcomm: i32, opts: HierOptions) -> Result<Self, CommError> {
+        // SAFETY: forwarded contract.
+        Self::build(unsafe { MpiComm::from_fortran(fcomm, opts.mpi)? }, opts)
+    }
+
     /// Number of nodes.
     pub fn nodes(&self) -> usize {
         self.layout.members.len()

@@ -342,6 +342,35 @@ impl MpiComm {
         unsafe { Self::from_owned(dup, opts) }
     }
 
+    /// A duplicate of the communicator whose Fortran handle is `fcomm`
+    /// (`MPI_Comm_c2f(comm)` on the C side, an `MPI_Fint`): converts it with
+    /// `MPI_Comm_f2c` and proceeds as [`from_raw`](Self::from_raw). For C
+    /// callers that cannot name `MPI_Comm` (its type differs between MPI
+    /// implementations), e.g. `kfac_comm_mpi`. Collective over the
+    /// communicator; it stays the caller's.
+    ///
+    /// # Safety
+    /// `fcomm` is a value returned by `MPI_Comm_c2f` of the MPI library
+    /// this crate is linked against, for a communicator that is still
+    /// live (`MPI_COMM_NULL`'s handle and intercommunicators are refused
+    /// with an error; another value is undefined behaviour in some MPI
+    /// implementations, as in C). Every rank of the communicator makes the
+    /// same call.
+    ///
+    /// # Errors
+    /// As [`from_raw`](Self::from_raw); MPI not initialized (or already
+    /// finalized) is checked before the handle is converted.
+    pub unsafe fn from_fortran(fcomm: i32, opts: MpiOptions) -> Result<Self, CommError> {
+        check_opts(&opts)?;
+        ensure_live()?;
+        // SAFETY: MPI is initialized and not finalized (checked above);
+        // `fcomm` is a Fortran handle of this MPI (caller's contract).
+        let comm = unsafe { ffi::MPI_Comm_f2c(fcomm) };
+        // SAFETY: `comm` is the caller's communicator (or MPI_COMM_NULL,
+        // refused inside); forwarded contract.
+        unsafe { Self::from_raw(comm, opts) }
+    }
+
     /// Wraps a communicator this crate created (takes ownership: freed on
     /// drop) and sets `MPI_ERRORS_RETURN` on it.
     ///
