@@ -810,6 +810,7 @@ unsafe fn one(
                 // earlier, possibly smaller buffer: the overlap must be
                 // refused before any access, which is what is fuzzed here.
                 let mut s = std::mem::zeroed::<KfacStepStats>();
+                s.struct_size = std::mem::size_of::<KfacStepStats>();
                 let sp = if stats {
                     &mut s as *mut _
                 } else {
@@ -823,6 +824,7 @@ unsafe fn one(
             }
             Call::Stats => {
                 let mut s = std::mem::zeroed::<KfacStepStats>();
+                s.struct_size = std::mem::size_of::<KfacStepStats>();
                 kfac_last_stats(*p, &mut s)
             }
             Call::SaveLoad {

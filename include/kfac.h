@@ -155,7 +155,8 @@ typedef struct {
   size_t struct_size;
   // Tikhonov damping (> 0). Default 1e-3.
   double damping;
-  // Running-average decay of the factors, in [0, 1). Default 0.95.
+  // Running-average decay of the factors, in [0, 1) ([0, 1] with
+  // `kfac_pytorch_compat`). Default 0.95.
   double factor_decay;
   // KL clipping threshold: finite; <= 0 disables. Default 1e-3.
   double kl_clip;
@@ -165,7 +166,8 @@ typedef struct {
   double grad_worker_fraction;
   // Factors are updated every this many steps (>= 1). Default 1.
   uint64_t factor_update_steps;
-  // Inverses are recomputed every this many steps (>= 1). Default 10.
+  // Inverses are recomputed every this many steps (>= 1). Default 10
+  // (1 in `kfac_config_kfac_pytorch`).
   uint64_t inv_update_steps;
   // Eigen or inverse method, a `KfacMethod` value (a plain integer here,
   // so any value C stores is well-defined and an unknown one is refused).
@@ -181,6 +183,12 @@ typedef struct {
   uint32_t threads;
   // Factor statistics on the wire: 0 f32 (default), 1 bf16, 2 f16.
   uint32_t wire;
+  // 1: conv2d A statistics as if undilated, as kfac-pytorch computes
+  // them (wrong for dilated convs; only for reproducing its numbers).
+  // Default 0.
+  uint32_t ignore_conv_dilation;
+  // Must be 0 (keeps the struct free of padding; a later field).
+  uint32_t reserved;
 } KfacConfig;
 
 // Caller-provided collectives, so that K-FAC's communication goes through
@@ -231,8 +239,14 @@ typedef struct {
   float *bias;
 } KfacGrad;
 
-// Statistics of the last step (times in seconds).
+// Statistics of a step (times in seconds).
+//
+// Extensible like `KfacConfig`: set `struct_size = sizeof(KfacStepStats)`
+// before passing it to `kfac_step` or `kfac_last_stats`; the library
+// writes the fields that fit and zeroes the rest.
 typedef struct {
+  // `sizeof(KfacStepStats)` of the caller's header, set by the caller.
+  size_t struct_size;
   // Index of the step (0 for the first).
   uint64_t step;
   // 1 when the factors were updated.
@@ -253,6 +267,14 @@ typedef struct {
   double total_s;
   // Bytes of state held.
   uint64_t state_bytes;
+  // `Σ <V, grad>` over the layers, before clipping.
+  double vg_sum;
+  // `lr² Σ <V, grad>`: kfac-pytorch's `vg_sum`.
+  double vg_sum_lr2;
+  // Payload bytes this rank sent in the step's collectives.
+  uint64_t bytes_sent;
+  // Payload bytes this rank received in the step's collectives.
+  uint64_t bytes_received;
 } KfacStepStats;
 
 #ifdef __cplusplus
@@ -514,12 +536,14 @@ KfacStatus kfac_observe_embedding(KfacPrecond *p,
                                   size_t ldg);
 
 // One K-FAC step over `count` gradients (one per preconditioned layer),
-// preconditioned in place. `stats` may be NULL. Weight and bias buffers
+// preconditioned in place. `stats` may be NULL; otherwise its
+// `struct_size` must be set (see `KfacStepStats`). Weight and bias buffers
 // must not overlap each other.
 //
 // # Safety
 // `p` a live handle; `grads` `count` readable entries whose buffers hold
-// the documented number of floats and stay valid during the call.
+// the documented number of floats and stay valid during the call; `stats`
+// NULL or `stats->struct_size` writable bytes.
 KfacStatus kfac_step(KfacPrecond *p, const KfacGrad *grads, size_t count, KfacStepStats *stats);
 
 // Averages gradients across the ranks of the preconditioner's
@@ -531,10 +555,10 @@ KfacStatus kfac_step(KfacPrecond *p, const KfacGrad *grads, size_t count, KfacSt
 KfacStatus kfac_allreduce_gradients(KfacPrecond *p, const KfacGrad *grads, size_t count);
 
 // Statistics and stage timings of the last step; `KFAC_ERR_STATE` before
-// the first step.
+// the first step. Set `out->struct_size = sizeof(KfacStepStats)` first.
 //
 // # Safety
-// `p` a live handle; `out` writable.
+// `p` a live handle; `out` NULL or `out->struct_size` writable bytes.
 KfacStatus kfac_last_stats(const KfacPrecond *p, KfacStepStats *out);
 
 // Number of completed steps.
@@ -570,6 +594,84 @@ KfacStatus kfac_save(const KfacPrecond *p, uint8_t *buf, size_t len, size_t *wri
 // # Safety
 // `buf` `len` readable bytes; `comm` NULL or live; `out` writable.
 KfacStatus kfac_load(const uint8_t *buf, size_t len, KfacComm *comm, KfacPrecond **out);
+
+// Sets the loss scale of mixed-precision training (kfac-pytorch's
+// `grad_scaler`): output gradients observed from now on are divided by
+// `scale` before their statistics are taken. The weight gradients passed
+// to `kfac_step` must already be unscaled. `KFAC_ERR_INVALID_ARGUMENT`
+// unless `scale` is finite, `> 0`, and `1/scale²` a normal float.
+//
+// # Safety
+// `p` a live handle, not used by another thread during the call.
+KfacStatus kfac_set_grad_scale(KfacPrecond *p, double scale);
+
+// The id of the layer registered under `name` (also after `kfac_load`);
+// `KFAC_ERR_INVALID_ARGUMENT` when no layer has that name.
+//
+// # Safety
+// `p` a live handle; `name` a NUL-terminated string; `out_id` writable.
+KfacStatus kfac_layer_id(const KfacPrecond *p, const char *name, uint32_t *out_id);
+
+// Copies layer `id`'s name, NUL-terminated, into `buf` (`len` bytes) and
+// its length without the NUL into `*written`; `KFAC_ERR_BUFFER_TOO_SMALL`
+// (with `*written` set to the length needed, NUL excluded) when it does
+// not fit. `buf` may be NULL when `len` is 0, to ask for the length.
+//
+// # Safety
+// `p` a live handle; `buf` NULL (with `len == 0`) or `len` writable bytes;
+// `written` writable.
+KfacStatus kfac_layer_name(const KfacPrecond *p,
+                           uint32_t id,
+                           char *buf,
+                           size_t len,
+                           size_t *written);
+
+// Layer `id`'s kind and the sizes of its factors: `*d_a` (A is
+// `d_a x d_a`, the bias included; diagonal for embeddings) and `*d_g`
+// (G is `d_g x d_g`). Any output pointer may be NULL.
+//
+// # Safety
+// `p` a live handle; each output NULL or writable.
+KfacStatus kfac_layer_info(const KfacPrecond *p,
+                           uint32_t id,
+                           uint32_t *kind,
+                           size_t *d_a,
+                           size_t *d_g);
+
+// Copies layer `id`'s current factors as full symmetric matrices
+// (row-major, leading dimensions `lda`, `ldg`; a diagonal A expanded):
+// `a` is `d_a x d_a`, `g` is `d_g x d_g` (sizes from `kfac_layer_info`).
+//
+// # Safety
+// `p` a live handle; `a` and `g` hold `(d - 1) * ld + d` writable floats.
+KfacStatus kfac_get_factors(const KfacPrecond *p,
+                            uint32_t id,
+                            float *a,
+                            size_t lda,
+                            float *g,
+                            size_t ldg);
+
+// Copies the decomposition layer `id` is preconditioned with and sets
+// `*kind` to a `KfacDecompositionKind`:
+// eigen method: `a` = `Q_A` (`d_a x d_a`, columns are eigenvectors; the
+// identity for an embedding's diagonal A), `la` = `l_A` (`d_a` values),
+// `g` = `Q_G`, `lg` = `l_G`; inverse method: `a` = `(A + s_A I)^-1`,
+// `g` = `(G + s_G I)^-1`, `la`/`lg` untouched (may be NULL).
+// `KFAC_ERR_STATE` before the layer's first inversion (or on a rank that
+// does not keep it, with a gradient-worker fraction below 1).
+//
+// # Safety
+// `p` a live handle; `kind` writable; `a`, `g` as in `kfac_get_factors`;
+// `la`, `lg` NULL (inverse method) or `d_a` / `d_g` writable floats.
+KfacStatus kfac_get_decomposition(const KfacPrecond *p,
+                                  uint32_t id,
+                                  uint32_t *kind,
+                                  float *a,
+                                  size_t lda,
+                                  float *la,
+                                  float *g,
+                                  size_t ldg,
+                                  float *lg);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -200,8 +200,65 @@ class Preconditioner {
   /// Statistics and stage timings of the last step.
   KfacStepStats last_stats() const {
     KfacStepStats s{};
+    s.struct_size = sizeof s;
     check(kfac_last_stats(h_, &s));
     return s;
+  }
+  /// kfac_set_grad_scale: the AMP loss scale; observed output gradients
+  /// are divided by it.
+  void set_grad_scale(double scale) { check(kfac_set_grad_scale(h_, scale)); }
+  /// The id of the layer registered under `name`.
+  std::uint32_t layer_id(const std::string& name) const {
+    std::uint32_t id = 0;
+    check(kfac_layer_id(h_, name.c_str(), &id));
+    return id;
+  }
+  /// The name of layer `id`.
+  std::string layer_name(std::uint32_t id) const {
+    std::size_t n = 0;
+    KfacStatus s = kfac_layer_name(h_, id, nullptr, 0, &n);
+    if (s != KFAC_ERR_BUFFER_TOO_SMALL) check(s);
+    std::string out(n + 1, '\0');
+    check(kfac_layer_name(h_, id, out.data(), out.size(), &n));
+    out.resize(n);
+    return out;
+  }
+  /// A layer's kind (a KfacLayerKind value) and factor sizes.
+  struct LayerInfo {
+    std::uint32_t kind;
+    std::size_t d_a;
+    std::size_t d_g;
+  };
+  LayerInfo layer_info(std::uint32_t id) const {
+    LayerInfo i{};
+    check(kfac_layer_info(h_, id, &i.kind, &i.d_a, &i.d_g));
+    return i;
+  }
+  /// Layer `id`'s factors A (`d_a x d_a`) and G (`d_g x d_g`), row-major.
+  std::pair<std::vector<float>, std::vector<float>> factors(std::uint32_t id) const {
+    LayerInfo i = layer_info(id);
+    std::vector<float> a(i.d_a * i.d_a), g(i.d_g * i.d_g);
+    check(kfac_get_factors(h_, id, a.data(), i.d_a, g.data(), i.d_g));
+    return {std::move(a), std::move(g)};
+  }
+  /// A layer's decomposition: `kind` a KfacDecompositionKind; `a`, `g`
+  /// row-major (eigenvectors or damped inverses); `la`, `lg` eigenvalues
+  /// (empty for the inverse method).
+  struct Decomposition {
+    std::uint32_t kind;
+    std::vector<float> a, la, g, lg;
+  };
+  Decomposition decomposition(std::uint32_t id) const {
+    LayerInfo i = layer_info(id);
+    Decomposition d{0, std::vector<float>(i.d_a * i.d_a), std::vector<float>(i.d_a),
+                    std::vector<float>(i.d_g * i.d_g), std::vector<float>(i.d_g)};
+    check(kfac_get_decomposition(h_, id, &d.kind, d.a.data(), i.d_a, d.la.data(), d.g.data(),
+                                 i.d_g, d.lg.data()));
+    if (d.kind == KFAC_DECOMPOSITION_INVERSE) {
+      d.la.clear();
+      d.lg.clear();
+    }
+    return d;
   }
   /// Number of completed steps.
   std::uint64_t steps() const {
@@ -221,6 +278,7 @@ class Preconditioner {
   }
   KfacStepStats step(const std::vector<KfacGrad>& grads) {
     KfacStepStats s{};
+    s.struct_size = sizeof s;
     check(kfac_step(h_, grads.data(), grads.size(), &s));
     return s;
   }

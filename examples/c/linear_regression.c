@@ -131,7 +131,7 @@ int main(void) {
       }
       CHECK(kfac_allreduce_gradients(p, &g, 1) == KFAC_OK, "allreduce");
     }
-    KfacStepStats st;
+    KfacStepStats st = {.struct_size = sizeof st};
     KfacStatus s = kfac_step(p, &g, 1, &st);
     CHECK(s == KFAC_OK, "step %d", step);
     if (s != KFAC_OK) break;
@@ -146,7 +146,7 @@ int main(void) {
     for (int j = 0; j < IN; j++) err += fabs(w[i][j] - wstar[i][j]);
   }
 
-  KfacStepStats last;
+  KfacStepStats last = {.struct_size = sizeof last};
   CHECK(kfac_last_stats(p, &last) == KFAC_OK && last.step == STEPS - 1, "stats");
 
   /* checkpoint: size query, short buffer refused, round trip */

@@ -173,16 +173,8 @@ unsafe fn c_step(p: *mut KfacPrecond, s: &Setup, work: &mut [(Vec<f32>, Vec<f32>
         })
         .collect();
     let mut stats = KfacStepStats {
-        step: 0,
-        factors_updated: 0,
-        inverses_updated: 0,
-        kl_scale: 0.0,
-        factor_update_s: 0.0,
-        inversion_s: 0.0,
-        preconditioning_s: 0.0,
-        communication_s: 0.0,
-        total_s: 0.0,
-        state_bytes: 0,
+        struct_size: std::mem::size_of::<KfacStepStats>(),
+        ..Default::default()
     };
     // SAFETY: live handle; buffers sized for each layer and disjoint.
     let st = unsafe { kfac_step(p, grads.as_ptr(), grads.len(), &mut stats) };

@@ -41,7 +41,8 @@ pub struct KfacConfig {
     pub struct_size: usize,
     /// Tikhonov damping (> 0). Default 1e-3.
     pub damping: f64,
-    /// Running-average decay of the factors, in [0, 1). Default 0.95.
+    /// Running-average decay of the factors, in [0, 1) ([0, 1] with
+    /// `kfac_pytorch_compat`). Default 0.95.
     pub factor_decay: f64,
     /// KL clipping threshold: finite; <= 0 disables. Default 1e-3.
     pub kl_clip: f64,
@@ -51,7 +52,8 @@ pub struct KfacConfig {
     pub grad_worker_fraction: f64,
     /// Factors are updated every this many steps (>= 1). Default 1.
     pub factor_update_steps: u64,
-    /// Inverses are recomputed every this many steps (>= 1). Default 10.
+    /// Inverses are recomputed every this many steps (>= 1). Default 10
+    /// (1 in `kfac_config_kfac_pytorch`).
     pub inv_update_steps: u64,
     /// Eigen or inverse method, a `KfacMethod` value (a plain integer here,
     /// so any value C stores is well-defined and an unknown one is refused).
@@ -67,12 +69,18 @@ pub struct KfacConfig {
     pub threads: u32,
     /// Factor statistics on the wire: 0 f32 (default), 1 bf16, 2 f16.
     pub wire: u32,
+    /// 1: conv2d A statistics as if undilated, as kfac-pytorch computes
+    /// them (wrong for dilated convs; only for reproducing its numbers).
+    /// Default 0.
+    pub ignore_conv_dilation: u32,
+    /// Must be 0 (keeps the struct free of padding; a later field).
+    pub reserved: u32,
 }
 
 // The rules of `extensible` need `struct_size` first and no padding at the
 // end (where a later field could go); the fields above have none at all.
 const _: () = assert!(std::mem::offset_of!(KfacConfig, struct_size) == 0);
-const _: () = assert!(size_of::<KfacConfig>() == size_of::<usize>() + 5 * 8 + 2 * 8 + 6 * 4);
+const _: () = assert!(size_of::<KfacConfig>() == size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4);
 
 // SAFETY: repr(C), `struct_size: usize` first, every field an integer or a
 // float (any bits valid).
@@ -130,6 +138,8 @@ impl KfacConfig {
                 WirePrecision::Bf16 => 1,
                 WirePrecision::F16 => 2,
             },
+            ignore_conv_dilation: cfg.ignore_conv_dilation as u32,
+            reserved: 0,
         })
     }
 
@@ -192,7 +202,14 @@ impl KfacConfig {
                     )
                 }
             },
+            ignore_conv_dilation: flag(c.ignore_conv_dilation, "ignore_conv_dilation")?,
         };
+        if c.reserved != 0 {
+            return fail(
+                KfacStatus::KFAC_ERR_INVALID_ARGUMENT,
+                format!("reserved must be 0, got {}", c.reserved),
+            );
+        }
         cfg.validate()?;
         Ok(cfg)
     }

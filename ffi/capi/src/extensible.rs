@@ -122,6 +122,20 @@ pub(crate) unsafe fn read<T: Extensible>(p: *const T, what: &str) -> R<T> {
     Ok(out)
 }
 
+/// The `struct_size` a caller set in its struct at `p` (an output struct
+/// it initialized), checked by the rules of the module docs, so a call can
+/// refuse a bad size before it changes anything.
+///
+/// # Safety
+/// `p` is NULL or points to at least `size_of::<usize>()` readable bytes.
+pub(crate) unsafe fn declared_size<T: Extensible>(p: *const T, what: &str) -> R<usize> {
+    non_null(p, what)?;
+    // SAFETY: non-NULL; the struct starts with its `usize` size (contract).
+    let size = unsafe { p.cast::<usize>().read_unaligned() };
+    check_size::<T>(size)?;
+    Ok(size)
+}
+
 /// Writes `value` into the caller's struct of `size` bytes at `out` by the
 /// rules of the module docs.
 ///

@@ -34,6 +34,7 @@
 //! | `views` | strided views of caller memory, gradient-buffer overlap checks |
 //! | `precond` | `KfacPrecond`: create, register, observe, step, statistics |
 //! | `checkpoint` | save and load |
+//! | `inspect` | layers by name, kinds and sizes, factors, decompositions; the AMP loss scale |
 
 #![allow(clippy::missing_safety_doc)] // every function has a `# Safety` section
 
@@ -59,6 +60,8 @@ mod precond;
 
 mod checkpoint;
 
+mod inspect;
+
 pub use callbacks::{kfac_collectives_init, KfacCollectives, KfacDtype};
 pub use checkpoint::{kfac_load, kfac_save, kfac_save_size};
 pub use comm::{
@@ -67,6 +70,10 @@ pub use comm::{
 };
 pub use config::{kfac_config_default, kfac_config_kfac_pytorch, KfacConfig, KfacMethod};
 pub use extensible::KFAC_MAX_STRUCT_SIZE;
+pub use inspect::{
+    kfac_get_decomposition, kfac_get_factors, kfac_layer_id, kfac_layer_info, kfac_layer_name,
+    kfac_set_grad_scale, KfacDecompositionKind, KfacLayerKind,
+};
 pub use precond::{
     kfac_allreduce_gradients, kfac_last_stats, kfac_num_layers, kfac_observe_conv2d,
     kfac_observe_embedding, kfac_observe_linear, kfac_precond_create, kfac_precond_free,

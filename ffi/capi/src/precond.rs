@@ -38,10 +38,16 @@ pub enum KfacLayout {
     KFAC_LAYOUT_NHWC = 1,
 }
 
-/// Statistics of the last step (times in seconds).
+/// Statistics of a step (times in seconds).
+///
+/// Extensible like `KfacConfig`: set `struct_size = sizeof(KfacStepStats)`
+/// before passing it to `kfac_step` or `kfac_last_stats`; the library
+/// writes the fields that fit and zeroes the rest.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KfacStepStats {
+    /// `sizeof(KfacStepStats)` of the caller's header, set by the caller.
+    pub struct_size: usize,
     /// Index of the step (0 for the first).
     pub step: u64,
     /// 1 when the factors were updated.
@@ -62,6 +68,38 @@ pub struct KfacStepStats {
     pub total_s: f64,
     /// Bytes of state held.
     pub state_bytes: u64,
+    /// `Σ <V, grad>` over the layers, before clipping.
+    pub vg_sum: f64,
+    /// `lr² Σ <V, grad>`: kfac-pytorch's `vg_sum`.
+    pub vg_sum_lr2: f64,
+    /// Payload bytes this rank sent in the step's collectives.
+    pub bytes_sent: u64,
+    /// Payload bytes this rank received in the step's collectives.
+    pub bytes_received: u64,
+}
+
+const _: () = assert!(std::mem::offset_of!(KfacStepStats, struct_size) == 0);
+const _: () = assert!(std::mem::size_of::<KfacStepStats>() == 8 + 8 + 2 * 4 + 6 * 8 + 8 + 4 * 8);
+
+// SAFETY: repr(C), `struct_size: usize` first, integers and floats only
+// (any bits valid), no padding.
+unsafe impl crate::extensible::Extensible for KfacStepStats {
+    const NAME: &'static str = "KfacStepStats";
+    const SIZES: &'static [usize] = &[std::mem::size_of::<KfacStepStats>()];
+    fn defaults() -> Self {
+        KfacStepStats::default()
+    }
+}
+
+/// Writes `s` into the caller's `KfacStepStats` at `out`, of `size` bytes
+/// (its `struct_size`, checked with `extensible::declared_size` before the
+/// call changed anything).
+///
+/// # Safety
+/// `out` non-NULL with `size` writable bytes.
+unsafe fn write_stats(out: *mut KfacStepStats, size: usize, s: &StepStats) -> R<()> {
+    // SAFETY: forwarded contract.
+    unsafe { crate::extensible::write(out, size, to_stats(s)) }
 }
 
 /// A layer's gradient for `kfac_step`, preconditioned in place. `weight`
@@ -461,12 +499,14 @@ unsafe fn entries<'a>(grads: *const KfacGrad, count: usize) -> R<&'a [KfacGrad]>
 }
 
 /// One K-FAC step over `count` gradients (one per preconditioned layer),
-/// preconditioned in place. `stats` may be NULL. Weight and bias buffers
+/// preconditioned in place. `stats` may be NULL; otherwise its
+/// `struct_size` must be set (see `KfacStepStats`). Weight and bias buffers
 /// must not overlap each other.
 ///
 /// # Safety
 /// `p` a live handle; `grads` `count` readable entries whose buffers hold
-/// the documented number of floats and stay valid during the call.
+/// the documented number of floats and stay valid during the call; `stats`
+/// NULL or `stats->struct_size` writable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn kfac_step(
     p: *mut KfacPrecond,
@@ -477,6 +517,13 @@ pub unsafe extern "C" fn kfac_step(
     guard(|| {
         // SAFETY: forwarded contract.
         let gs = unsafe { entries(grads, count) }?;
+        // A bad `stats->struct_size` is refused before the step.
+        let size = if stats.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL, starts with its size by contract.
+            Some(unsafe { crate::extensible::declared_size(stats, "stats") }?)
+        };
         // SAFETY: forwarded contract.
         let s = unsafe {
             with_mut(p, |pc| {
@@ -484,9 +531,9 @@ pub unsafe extern "C" fn kfac_step(
                 Ok(pc.step(&mut lg)?)
             })
         }?;
-        if !stats.is_null() {
-            // SAFETY: non-NULL, writable by contract.
-            unsafe { stats.write(to_stats(&s)) };
+        if let Some(size) = size {
+            // SAFETY: non-NULL, `size` writable bytes by contract.
+            unsafe { write_stats(stats, size, &s) }?;
         }
         Ok(())
     })
@@ -519,6 +566,7 @@ pub unsafe extern "C" fn kfac_allreduce_gradients(
 
 fn to_stats(s: &StepStats) -> KfacStepStats {
     KfacStepStats {
+        struct_size: std::mem::size_of::<KfacStepStats>(),
         step: s.step,
         factors_updated: s.factors_updated as u32,
         inverses_updated: s.inverses_updated as u32,
@@ -529,31 +577,35 @@ fn to_stats(s: &StepStats) -> KfacStepStats {
         communication_s: s.times.communication.as_secs_f64(),
         total_s: s.times.total.as_secs_f64(),
         state_bytes: s.state_bytes as u64,
+        vg_sum: s.vg_sum,
+        vg_sum_lr2: s.vg_sum_lr2,
+        bytes_sent: s.bytes_sent,
+        bytes_received: s.bytes_received,
     }
 }
 
 /// Statistics and stage timings of the last step; `KFAC_ERR_STATE` before
-/// the first step.
+/// the first step. Set `out->struct_size = sizeof(KfacStepStats)` first.
 ///
 /// # Safety
-/// `p` a live handle; `out` writable.
+/// `p` a live handle; `out` NULL or `out->struct_size` writable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn kfac_last_stats(
     p: *const KfacPrecond,
     out: *mut KfacStepStats,
 ) -> KfacStatus {
     guard(|| {
-        non_null(out, "out")?;
+        // SAFETY: forwarded contract.
+        let size = unsafe { crate::extensible::declared_size(out, "out") }?;
         // SAFETY: forwarded contract.
         let s = unsafe {
             with_ref(p, |pc| match pc.last_stats() {
-                Some(s) => Ok(to_stats(s)),
+                Some(s) => Ok(s.clone()),
                 None => fail(KfacStatus::KFAC_ERR_STATE, "no step has completed yet"),
             })
         }?;
-        // SAFETY: checked non-NULL; writable by contract.
-        unsafe { out.write(s) };
-        Ok(())
+        // SAFETY: `size` writable bytes by contract.
+        unsafe { write_stats(out, size, &s) }
     })
 }
 

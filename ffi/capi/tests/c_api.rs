@@ -605,6 +605,7 @@ fn check_run(run: &Run) -> Result<usize, TestCaseError> {
                     let rot = (*seed % cg.len() as u64) as usize;
                     cg.rotate_left(rot);
                     let mut stats = std::mem::zeroed::<KfacStepStats>();
+                    stats.struct_size = std::mem::size_of::<KfacStepStats>();
                     let st = kfac_step(p, cg.as_ptr(), cg.len(), &mut stats);
                     let mut lg: Vec<LayerGrad<'_>> =
                         gr.w.iter_mut()

@@ -344,7 +344,10 @@ fn nan_activations_are_kfac_err_non_finite() {
 #[test]
 fn calls_out_of_order_are_kfac_err_state() {
     let p = with_linear();
-    let mut s = KfacStepStats::default();
+    let mut s = KfacStepStats {
+        struct_size: std::mem::size_of::<KfacStepStats>(),
+        ..Default::default()
+    };
     // SAFETY: live handle, writable output.
     expect(unsafe { kfac_last_stats(p, &mut s) }, KFAC_ERR_STATE);
     // A step before any observation.

@@ -129,7 +129,7 @@ int main(void) {
                        {c_nhwc, &wc2[0][0], CIN * K * K, bc2},
                        {emb, &we[0][0], DIM, NULL},
                        {lin, &wl[0][0], NUM, NULL}};
-  KfacStepStats st;
+  KfacStepStats st = {.struct_size = sizeof st};
   CHECK(kfac_step(p, grads, 4, &st) == KFAC_OK, "step");
   CHECK(st.inverses_updated == 1 && st.factors_updated == 1, "first step updates everything");
 
