@@ -9,43 +9,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+use kfac_test_support::{find_tool, have_tool, libkfac, libkfac_mpi, Ranks, Require};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `target/<profile>`, where cargo puts libkfac.a and libkfac.so. A plain
-/// `cargo test` does not build a cdylib/staticlib for integration tests,
-/// so the first caller builds them with `cargo build -p kfac-ffi` (same
-/// profile and target directory; cargo has released its lock by the time
-/// tests run).
-fn lib_dir() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let target = dir.parent().unwrap().to_path_buf();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "kfac-ffi", "--lib", "--manifest-path"])
-            .arg(root().join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", &target);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "building libkfac failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            dir.join("libkfac.a").exists() && dir.join("libkfac.so").exists(),
-            "libkfac.a / libkfac.so not found in {}",
-            dir.display()
-        );
-        dir
-    })
-    .clone()
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -59,78 +28,22 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// Whether `tool` can run; panics when it cannot and `KFAC_REQUIRE_TOOLS`
-/// is set.
-fn have_tool(tool: &str) -> bool {
-    have_tool_unless(tool, "KFAC_REQUIRE_TOOLS")
-}
-
-/// Whether `tool` can run; panics when it cannot and `require_var` is set
-/// (so CI cannot skip silently), else prints a notice.
-fn have_tool_unless(tool: &str, require_var: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os(require_var).is_none(),
-            "{tool} is required ({require_var} is set; .ci/run installs it)"
-        );
-        eprintln!("SKIPPED: {tool} is not installed (.ci/run installs it)");
-    }
-    ok
-}
-
-/// The `kfac-launch` binary, built like `lib_dir` builds libkfac.
-fn launcher() -> PathBuf {
-    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    EXE.get_or_init(|| {
-        let dir = lib_dir();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "-p",
-            "kfac-runtime",
-            "--bin",
-            "kfac-launch",
-            "--manifest-path",
-        ])
-        .arg(root().join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", dir.parent().unwrap());
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "building kfac-launch failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir.join("kfac-launch")
-    })
-    .clone()
-}
-
 /// Runs `exe` as two ranks under `kfac-launch -n 2`; returns each rank's
 /// output lines (the `[rank r] ` prefix removed) after checking that the
 /// job succeeded and each rank reported `rank r/2` and `ok`.
 fn launch2(exe: &Path) -> Vec<String> {
-    let out = run(Command::new(launcher())
-        .args(["-n", "2", "--timeout", "120", "--"])
-        .arg(exe)
-        .env("RUST_BACKTRACE", "0"));
+    let job = Ranks::kfac_launch(2)
+        .timeout(Duration::from_secs(120))
+        .env("RUST_BACKTRACE", "0")
+        .run(exe, &[]);
+    job.expect_ok(&format!("kfac-launch -n 2 {}", exe.display()));
     (0..2)
         .map(|r| {
-            let prefix = format!("[rank {r}] ");
-            let mine: String = out
-                .lines()
-                .filter_map(|l| l.strip_prefix(&prefix))
-                .map(|l| format!("{l}\n"))
-                .collect();
+            let mine = job.rank_output(r);
             assert!(
                 mine.contains(&format!("rank {r}/2")) && mine.contains("ok"),
-                "rank {r}:\n{out}"
+                "rank {r}:\n{}",
+                job.stdout
             );
             mine
         })
@@ -202,7 +115,7 @@ fn compile(source: &str, name: &str, cxx: bool, link: Link) -> PathBuf {
     } else {
         ("cc", "-std=c99")
     };
-    let lib = lib_dir();
+    let lib = libkfac();
     let mut cmd = Command::new(cc);
     cmd.args([std, "-Wall", "-Wextra", "-Werror", "-O1", "-pthread", "-I"])
         .arg(root().join("include"))
@@ -295,7 +208,7 @@ fn caller_provided_collectives_match_a_single_rank_and_report_failures() {
 /// path of linear_regression.c and the refused calls of layers.c).
 #[test]
 fn c_clients_are_clean_under_valgrind_memcheck() {
-    if !have_tool("valgrind") {
+    if !have_tool("valgrind", Require::Tools) {
         return;
     }
     for (source, name) in [
@@ -333,7 +246,7 @@ fn install_to_tempdir() -> PathBuf {
         .args(["--no-build", "--prefix"])
         .arg(&prefix)
         .arg("--lib-dir")
-        .arg(lib_dir()));
+        .arg(libkfac()));
     prefix
 }
 
@@ -422,7 +335,7 @@ fn c_conv2d_and_embedding_observations_match_equivalent_layers() {
 /// `kfac::kfac_static`.
 #[test]
 fn installed_package_works_with_cmake_find_package() {
-    if !have_tool("cmake") {
+    if !have_tool("cmake", Require::Tools) {
         return;
     }
     let prefix = install_to_tempdir();
@@ -457,38 +370,6 @@ fn installed_package_works_with_cmake_find_package() {
     }
 }
 
-/// libkfac built with the `mpi` feature (in its own target directory, so it
-/// never replaces the plain libkfac the other tests link).
-fn mpi_lib_dir() -> PathBuf {
-    let dir = lib_dir();
-    let target = dir.parent().unwrap().join("mpi-ffi");
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args([
-        "build",
-        "-p",
-        "kfac-ffi",
-        "--lib",
-        "--features",
-        "mpi",
-        "--manifest-path",
-    ])
-    .arg(root().join("Cargo.toml"))
-    .env("CARGO_TARGET_DIR", &target);
-    let profile = if dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-        "release"
-    } else {
-        "debug"
-    };
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "building libkfac with MPI failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join(profile)
-}
-
 /// The C MLP built with `mpicc -DKFAC_EXAMPLE_MPI` hands `MPI_COMM_WORLD` to
 /// `kfac_comm_mpi`: under `mpirun -np 2` (flat MPI) and `-np 4` presented
 /// as 2 machines x 2 (hierarchical, `KFAC_NODE_SIZE=2`) every rank trains
@@ -497,15 +378,15 @@ fn mpi_lib_dir() -> PathBuf {
 /// `KFAC_REQUIRE_MPI=1`.
 #[test]
 fn c_mlp_runs_under_mpirun_through_kfac_comm_mpi() {
-    if !have_tool_unless("mpirun", "KFAC_REQUIRE_MPI") {
+    let Some(mpirun) = find_tool("mpirun", Require::Mpi) else {
         return;
-    }
+    };
     let reference = checksum(&run(&mut Command::new(compile_static(
         "examples/c/mlp.c",
         "mlp_ref",
         false,
     ))));
-    let lib = mpi_lib_dir();
+    let lib = libkfac_mpi();
     let exe = tempdir("mlp-mpi").join("mlp_mpi");
     run(Command::new("mpicc")
         .args([
@@ -524,13 +405,12 @@ fn c_mlp_runs_under_mpirun_through_kfac_comm_mpi() {
         .arg(lib.join("libkfac.a"))
         .args(["-lpthread", "-ldl", "-lm"]));
     for (np, mode) in [(2, "mpi"), (4, "hier")] {
-        let out = run(Command::new("timeout")
-            .args(["120", "mpirun", "--allow-run-as-root", "--oversubscribe"])
-            .args(["-x", "KFAC_COMM", "-x", "KFAC_NODE_SIZE", "-np"])
-            .arg(np.to_string())
-            .arg(&exe)
+        let job = Ranks::mpirun(&mpirun, np)
+            .timeout(Duration::from_secs(120))
             .env("KFAC_COMM", mode)
-            .env("KFAC_NODE_SIZE", "2"));
+            .env("KFAC_NODE_SIZE", "2")
+            .run(&exe, &[]);
+        let out = &job.expect_ok(&format!("mpirun -np {np} ({mode})")).stdout;
         for r in 0..np {
             let line = out
                 .lines()

@@ -9,12 +9,11 @@
 //! print a notice and pass, unless `KFAC_REQUIRE_MPI=1` (set in CI), which
 //! makes a missing MPI a failure.
 
-use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use kfac_test_support::{built, find_tool, Job, Ranks, Require};
 
 /// Bound on one mpirun job.
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
@@ -22,153 +21,45 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 /// One job at a time: 4 busy-polling ranks per job already fill 2 cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn mpirun() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("mpirun"))
-        .find(|p| p.is_file())
-}
-
 /// `mpirun`, or `None` after printing why the test is skipped; panics
 /// when `KFAC_REQUIRE_MPI=1` forbids skipping.
-fn require_mpirun(test: &str) -> Option<PathBuf> {
-    let found = mpirun();
-    if found.is_none() {
-        let required = std::env::var("KFAC_REQUIRE_MPI").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "{test}: mpirun not found on PATH but KFAC_REQUIRE_MPI=1 (install openmpi-bin and libopenmpi-dev)"
-        );
-        // Straight to stderr, past the test harness's capture, so a skip
-        // shows in the log.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "{test}: SKIPPED: mpirun not found on PATH (set KFAC_REQUIRE_MPI=1 to fail instead)"
-        );
-    }
-    found
+fn require_mpirun() -> Option<PathBuf> {
+    find_tool("mpirun", Require::Mpi)
 }
 
 /// Builds `examples/mpi_check.rs` with the `mpi` feature, once, in the
-/// same target directory and profile as this test (the outer cargo has
-/// released its lock while tests run; sharing the directory reuses the
-/// compiled dependencies, a separate one would rebuild faer).
+/// same target directory and profile as this test.
 fn check_program() -> PathBuf {
     static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     EXE.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
-        let target = dir.parent().unwrap().to_path_buf();
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "-p",
-            "kfac-runtime",
-            "--features",
-            "mpi",
-            "--example",
-            "mpi_check",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .env("CARGO_TARGET_DIR", &target);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "building mpi_check (--features mpi) failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let built = dir.join("examples").join("mpi_check");
-        assert!(built.is_file(), "{} not found", built.display());
-        built
+        built(
+            &[
+                "-p",
+                "kfac-runtime",
+                "--features",
+                "mpi",
+                "--example",
+                "mpi_check",
+            ],
+            "examples/mpi_check",
+        )
     })
     .clone()
-}
-
-struct Job {
-    ok: bool,
-    status: String,
-    stdout: String,
-    stderr: String,
-    secs: f64,
 }
 
 /// Runs `mpi_check args` as `np` ranks; kills the job (and fails) after
 /// `JOB_TIMEOUT`.
 fn mpi_job(mpirun: &Path, np: usize, args: &[&str], env: &[(&str, &str)]) -> Job {
     let exe = check_program();
-    let mut cmd = Command::new(mpirun);
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np"])
-        .arg(np.to_string());
-    for (k, _) in env {
-        cmd.args(["-x", k]);
-    }
-    cmd.arg(&exe)
-        .args(args)
-        .env("OMPI_MCA_orte_base_help_aggregate", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0); // so a timeout can kill mpirun and its ranks
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let start = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let pgid = child.id() as i32;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > JOB_TIMEOUT {
-            // SAFETY: plain signal calls on the process group we created;
-            // TERM first so mpirun can stop its ranks, then KILL.
-            unsafe { libc::killpg(pgid, libc::SIGTERM) };
-            std::thread::sleep(Duration::from_secs(3));
-            // SAFETY: as above.
-            unsafe { libc::killpg(pgid, libc::SIGKILL) };
-            let _ = child.wait();
-            panic!(
-                "mpirun -np {np} {args:?} {env:?} hung: killed after {} s\nstdout:\n{}\nstderr:\n{}",
-                JOB_TIMEOUT.as_secs(),
-                t_out.join().unwrap(),
-                t_err.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Job {
-        ok: status.success(),
-        status: status.to_string(),
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-        secs: start.elapsed().as_secs_f64(),
-    }
+    let ranks = env
+        .iter()
+        .fold(Ranks::mpirun(mpirun, np), |r, (k, v)| r.env(k, v))
+        .timeout(JOB_TIMEOUT);
+    ranks.run(&exe, args)
 }
 
 fn expect_ok(j: &Job, what: &str, marker: &str, np: usize) {
-    assert!(
-        j.ok,
-        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        j.status, j.stdout, j.stderr
-    );
+    j.expect_ok(what);
     assert_eq!(
         j.stdout.matches(marker).count(),
         np,
@@ -211,7 +102,7 @@ const VARIANTS: [Variant; 5] = [
 
 #[test]
 fn mpi_collectives_equal_hand_computed_sums() {
-    let Some(mpirun) = require_mpirun("mpi_collectives_equal_hand_computed_sums") else {
+    let Some(mpirun) = require_mpirun() else {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -241,7 +132,7 @@ fn line_values<'a>(stdout: &'a str, key: &str) -> Vec<&'a str> {
 
 #[test]
 fn mpi_kfac_equals_single_process_and_runs_agree() {
-    let Some(mpirun) = require_mpirun("mpi_kfac_equals_single_process_and_runs_agree") else {
+    let Some(mpirun) = require_mpirun() else {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -294,7 +185,7 @@ fn mpi_kfac_equals_single_process_and_runs_agree() {
 
 #[test]
 fn mpi_rank_that_dies_or_hangs_ends_the_job() {
-    let Some(mpirun) = require_mpirun("mpi_rank_that_dies_or_hangs_ends_the_job") else {
+    let Some(mpirun) = require_mpirun() else {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -7,14 +7,14 @@ mod common;
 
 use common::*;
 use faer::dyn_stack::MemStack;
-use kfac::kernels::conv::{
+use kfac_kernels::conv::{
     conv2d_a_update, conv2d_a_update_scratch, conv2d_g_update, Conv2dGeometry, ConvNormalization,
     ImageRef,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-fn fail(e: kfac::kernels::Error) -> TestCaseError {
+fn fail(e: kfac_kernels::Error) -> TestCaseError {
     TestCaseError::fail(format!("kernel returned an error: {e}"))
 }
 
@@ -597,7 +597,7 @@ fn tile_case() -> impl Strategy<Value = TileCase> {
 
 fn check_conv_a_tiles<T: Flt>(case: &TileCase) -> Result<(), TestCaseError> {
     let (oh, ow) = case.geom.out();
-    prop_assert!(case.geom.batch * oh * ow > kfac::kernels::conv::PATCH_TILE_MAX_ROWS);
+    prop_assert!(case.geom.batch * oh * ow > kfac_kernels::conv::PATCH_TILE_MAX_ROWS);
     let mut rg = Gen::new(case.seed);
     run_a_update::<T>(
         &case.geom,

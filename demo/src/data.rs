@@ -16,7 +16,7 @@ use flate2::read::GzDecoder;
 use super::rng::SplitMix64;
 
 /// The gzip-compressed CSV, embedded at compile time.
-static DIGITS_GZ: &[u8] = include_bytes!("../../data/digits.csv.gz");
+static DIGITS_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
 
 /// Pixels per image (8x8).
 pub const NUM_FEATURES: usize = 64;
@@ -133,7 +133,7 @@ pub fn parse_embedded() -> Result<(Vec<f32>, Vec<usize>), DataError> {
 ///
 /// ```
 /// let row = format!("{},3", vec!["16"; 64].join(","));
-/// let (px, labels) = kfac::demo::data::parse_csv(&row).unwrap();
+/// let (px, labels) = kfac_demo::data::parse_csv(&row).unwrap();
 /// assert_eq!((px.len(), labels), (64, vec![3]));
 /// ```
 pub fn parse_csv(text: &str) -> Result<(Vec<f32>, Vec<usize>), DataError> {
@@ -196,7 +196,7 @@ fn parsed() -> Result<&'static (Vec<f32>, Vec<usize>), DataError> {
 /// or [`DataError::InvalidArgument`] unless `0 < test_fraction < 1`.
 ///
 /// ```
-/// let d = kfac::demo::data::load_digits(0.2).unwrap();
+/// let d = kfac_demo::data::load_digits(0.2).unwrap();
 /// assert_eq!(d.train.len() + d.test.len(), 1797);
 /// assert_eq!(d.test.len(), 359);
 /// ```

@@ -20,7 +20,7 @@
 #![allow(dead_code)]
 
 use faer::{MatMut, MatRef, Par};
-use kfac::kernels::Real;
+use kfac_kernels::Real;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 

@@ -20,10 +20,11 @@
 //! output gradients are those of targets sampled from the model's own
 //! predictive distribution (the true Fisher, [`FisherKind::Sampled`]).
 //!
-//! `cargo run --release --example train` runs the comparison and plots it.
+//! `cargo run --release -p kfac-demo` (the `train` binary) runs the
+//! comparison and plots it.
 //!
 //! ```
-//! use kfac::demo::{train, KfacSettings, Optimizer, Target, Task, TrainConfig};
+//! use kfac_demo::{train, KfacSettings, Optimizer, Target, Task, TrainConfig};
 //! let mut cfg = TrainConfig::new(Task::Classify, Optimizer::Kfac(KfacSettings::default()));
 //! cfg.layer_sizes = vec![64, 32, 10];
 //! cfg.epochs = 2;

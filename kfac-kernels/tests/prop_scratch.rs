@@ -9,18 +9,18 @@ mod common;
 use common::*;
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::Par;
-use kfac::kernels::conv::{
+use kfac_kernels::conv::{
     conv2d_a_update, conv2d_a_update_scratch, Conv2dGeometry, ConvNormalization, ImageRef,
 };
-use kfac::kernels::eigen::{
+use kfac_kernels::eigen::{
     eigen_inverse_denominators, precondition_eigen, precondition_eigen_precomputed,
     precondition_eigen_scratch, sym_eigen, sym_eigen_scratch,
 };
-use kfac::kernels::factor::{syrk_update, syrk_update_scratch};
-use kfac::kernels::inverse::{
+use kfac_kernels::factor::{syrk_update, syrk_update_scratch};
+use kfac_kernels::inverse::{
     damped_inverse, damped_inverse_scratch, precondition_inverse, precondition_inverse_scratch,
 };
-use kfac::kernels::kron::{
+use kfac_kernels::kron::{
     kron_apply, kron_apply_scratch, kron_damped_solve, kron_damped_solve_scratch,
 };
 use proptest::prelude::*;

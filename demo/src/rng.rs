@@ -6,7 +6,7 @@
 /// statistically sound for simulation, *not* cryptographic.
 ///
 /// ```
-/// use kfac::demo::rng::SplitMix64;
+/// use kfac_demo::rng::SplitMix64;
 /// let mut a = SplitMix64::new(7);
 /// let mut b = SplitMix64::new(7);
 /// assert_eq!(a.next_u64(), b.next_u64());

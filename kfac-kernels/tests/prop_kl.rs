@@ -5,11 +5,11 @@
 mod common;
 
 use common::*;
-use kfac::kernels::kl::{frobenius_dot, kl_clip_scale};
+use kfac_kernels::kl::{frobenius_dot, kl_clip_scale};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-fn fail(e: kfac::kernels::Error) -> TestCaseError {
+fn fail(e: kfac_kernels::Error) -> TestCaseError {
     TestCaseError::fail(format!("kernel returned an error: {e}"))
 }
 

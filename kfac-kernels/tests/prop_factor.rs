@@ -7,14 +7,14 @@ mod common;
 
 use common::*;
 use faer::dyn_stack::MemStack;
-use kfac::kernels::factor::{
+use kfac_kernels::factor::{
     materialize_lazy, mirror_lower, running_average, running_average_lazy, syrk_update,
     syrk_update_scratch,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-fn fail(e: kfac::kernels::Error) -> TestCaseError {
+fn fail(e: kfac_kernels::Error) -> TestCaseError {
     TestCaseError::fail(format!("kernel returned an error: {e}"))
 }
 

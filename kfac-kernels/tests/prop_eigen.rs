@@ -7,14 +7,14 @@ mod common;
 
 use common::*;
 use faer::dyn_stack::MemStack;
-use kfac::kernels::eigen::{
+use kfac_kernels::eigen::{
     eigen_inverse_denominators, precondition_eigen, precondition_eigen_precomputed,
     precondition_eigen_scratch, sym_eigen, sym_eigen_scratch,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-fn fail(e: kfac::kernels::Error) -> TestCaseError {
+fn fail(e: kfac_kernels::Error) -> TestCaseError {
     TestCaseError::fail(format!("kernel returned an error: {e}"))
 }
 

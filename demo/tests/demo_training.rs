@@ -3,8 +3,9 @@
 //! test-accuracy target in fewer epochs than SGD with momentum. This is a
 //! statement about optimization (epochs), not about wall time.
 
-use kfac::demo::{train, KfacSettings, Optimizer, RunResult, Target, Task, TrainConfig};
-use std::process::Command;
+use kfac_demo::{train, KfacSettings, Optimizer, RunResult, Target, Task, TrainConfig};
+use kfac_test_support::{built, find_tool, Ranks, Require};
+use std::time::Duration;
 
 /// A small classifier on a subset of the training data, so that the test
 /// runs in a few seconds in the debug profile.
@@ -59,7 +60,7 @@ fn kfac_reaches_the_accuracy_target_in_fewer_epochs_than_sgd() {
 
 #[test]
 fn kfac_split_across_two_ranks_reaches_the_target_like_one_process() {
-    use kfac::runtime::comm::shm::{ShmGroup, ShmOptions};
+    use kfac_runtime::comm::shm::{ShmGroup, ShmOptions};
     let target = Target::Accuracy(0.95);
     let single = train(&config(Optimizer::Kfac(KfacSettings::default()))).unwrap();
     let group = format!("demo-test-{}", std::process::id());
@@ -73,7 +74,7 @@ fn kfac_split_across_two_ranks_reaches_the_target_like_one_process() {
                         slot_bytes: 1 << 16,
                     };
                     let g = ShmGroup::join(&group, rank, 2, opts).unwrap();
-                    kfac::demo::train_distributed(
+                    kfac_demo::train_distributed(
                         &config(Optimizer::Kfac(KfacSettings::default())),
                         Box::new(g),
                         |_| {},
@@ -98,68 +99,25 @@ fn kfac_split_across_two_ranks_reaches_the_target_like_one_process() {
     assert!(runs[0].last().kfac_times.unwrap().communication > 0.0);
 }
 
-/// The demo example under `mpirun -np 2 ... --comm mpi` (built here with
-/// `--features mpi`): both ranks train over MPI and rank 0 reports the run
-/// reaching the target in at most 2 epochs, like the shared-memory run
-/// above. Needs Open MPI; skipped with a notice when `mpirun` is missing,
-/// unless `KFAC_REQUIRE_MPI=1` (set by `.ci/run`).
+/// The demo's `train` binary under `mpirun -np 2 ... --comm mpi` (built
+/// here with `--features mpi`): both ranks train over MPI and rank 0
+/// reports the run reaching the target in at most 2 epochs, like the
+/// shared-memory run above. Needs Open MPI; skipped with a notice when
+/// `mpirun` is missing, unless `KFAC_REQUIRE_MPI=1` (set by `.ci/run`).
 #[test]
-fn demo_example_trains_under_mpirun_with_comm_mpi() {
-    let have = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have {
-        assert!(
-            std::env::var_os("KFAC_REQUIRE_MPI").is_none(),
-            "mpirun is required (KFAC_REQUIRE_MPI is set; .ci/run installs Open MPI)"
-        );
-        eprintln!("SKIPPED: mpirun is not installed (.ci/run installs Open MPI)");
+fn demo_trains_under_mpirun_with_comm_mpi() {
+    let Some(mpirun) = find_tool("mpirun", Require::Mpi) else {
         return;
-    }
-    // target/<profile>/deps/<this test> -> target/<profile>
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .args([
-            "build",
-            "--features",
-            "mpi",
-            "--example",
-            "train",
-            "--manifest-path",
-        ])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap());
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    let out = build.output().unwrap();
-    assert!(
-        out.status.success(),
-        "building the demo with MPI failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    };
+    let exe = built(
+        &["-p", "kfac-demo", "--features", "mpi", "--bin", "train"],
+        "train",
     );
-    let out = Command::new("timeout")
-        .args([
-            "300",
-            "mpirun",
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-        ])
-        .arg(profile_dir.join("examples/train"))
-        .args(["--comm", "mpi", "--epochs", "2"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let job = Ranks::mpirun(mpirun, 2)
+        .timeout(Duration::from_secs(300))
+        .run(&exe, &["--comm", "mpi", "--epochs", "2"]);
+    job.expect_ok("mpirun -np 2 train --comm mpi");
+    let text = &job.stdout;
     // The stage row: "2  <epochs to target>  <metric>% ..."
     let row = text
         .lines()

@@ -47,7 +47,7 @@ pub struct KfacSettings {
 }
 
 impl Default for KfacSettings {
-    /// The demo's tuned values for the classifier (see `examples/train.rs`):
+    /// The demo's tuned values for the classifier (see `src/bin/train.rs`):
     /// lr 1, no momentum, damping 1e-3, KL clip 1e-3, factors every step,
     /// inverses every 5 steps, decay 0.95, sampled Fisher, one thread.
     fn default() -> Self {

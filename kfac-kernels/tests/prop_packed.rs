@@ -6,14 +6,14 @@
 mod common;
 
 use common::*;
-use kfac::kernels::packed::{
+use kfac_kernels::packed::{
     accumulate_packed, add_packed_to_lower, bf16, bf16_to_f32, f16, f16_to_f32, f32_to_bf16,
     f32_to_f16, pack_lower, packed_index, packed_len, unpack_lower,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-fn fail(e: kfac::kernels::Error) -> TestCaseError {
+fn fail(e: kfac_kernels::Error) -> TestCaseError {
     TestCaseError::fail(format!("kernel returned an error: {e}"))
 }
 

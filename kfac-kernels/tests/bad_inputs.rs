@@ -8,27 +8,27 @@ mod common;
 use common::*;
 use faer::dyn_stack::{MemStack, StackReq};
 use faer::{Mat, MatRef, Par};
-use kfac::kernels::conv::{
+use kfac_kernels::conv::{
     conv2d_a_update, conv2d_a_update_scratch, conv2d_g_update, Conv2dGeometry, ConvNormalization,
     ImageRef,
 };
-use kfac::kernels::eigen::{
+use kfac_kernels::eigen::{
     eigen_inverse_denominators, precondition_eigen, precondition_eigen_precomputed,
     precondition_eigen_scratch, sym_eigen, sym_eigen_scratch,
 };
-use kfac::kernels::factor::{
+use kfac_kernels::factor::{
     materialize_lazy, mirror_lower, running_average, running_average_lazy, syrk_update,
     syrk_update_scratch,
 };
-use kfac::kernels::inverse::{
+use kfac_kernels::inverse::{
     damped_inverse, damped_inverse_scratch, factored_damping, precondition_inverse,
     precondition_inverse_scratch, tikhonov_pi,
 };
-use kfac::kernels::kl::{frobenius_dot, kl_clip_scale};
-use kfac::kernels::kron::{
+use kfac_kernels::kl::{frobenius_dot, kl_clip_scale};
+use kfac_kernels::kron::{
     kron, kron_apply, kron_apply_scratch, kron_damped_solve, kron_damped_solve_scratch,
 };
-use kfac::kernels::packed::{
+use kfac_kernels::packed::{
     accumulate_packed, add_packed_to_lower, bf16, bf16_to_f32, f16, f16_to_f32, f32_to_bf16,
     f32_to_f16, pack_lower, unpack_lower,
 };

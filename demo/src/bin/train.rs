@@ -3,13 +3,13 @@
 //! plot of the test loss against epochs and against seconds.
 //!
 //! ```text
-//! cargo run --release --example train [-- --task classify|autoencoder --epochs N --seed S --workers P]
-//! cargo build --release --features mpi --example train
-//! mpirun -np P target/release/examples/train --comm mpi|hier [--task ... --epochs N --seed S]
+//! cargo run --release -p kfac-demo [-- --task classify|autoencoder --epochs N --seed S --workers P]
+//! cargo build --release -p kfac-demo --features mpi
+//! mpirun -np P target/release/train --comm mpi|hier [--task ... --epochs N --seed S]
 //! ```
 //!
 //! With `--workers P` (P > 1) the K-FAC run is repeated split across P
-//! processes on this machine: the example starts P copies of itself (with
+//! processes on this machine: the program starts P copies of itself (with
 //! `KFAC_RANK`, `KFAC_WORLD_SIZE`, `KFAC_GROUP`, as `kfac-launch` would),
 //! which join a shared-memory group; each computes its shard of every
 //! minibatch, gradients are averaged across them and the preconditioner
@@ -17,9 +17,10 @@
 //! result next to the single-process K-FAC run, with time per stage
 //! including communication.
 //!
-//! With `--comm mpi` (build with `--features mpi`; start the program with
-//! `mpirun` or `srun`) every MPI rank runs one shard of the K-FAC run over
-//! an MPI communicator (`MpiComm`, a duplicate of `MPI_COMM_WORLD`);
+//! With `--comm mpi` (build with `-p kfac-demo --features mpi`; start the
+//! program with `mpirun` or `srun`) every MPI rank runs one shard of the
+//! K-FAC run over an MPI communicator (`MpiComm`, a duplicate of
+//! `MPI_COMM_WORLD`);
 //! `--comm hier` uses the hierarchical one (shared memory inside each
 //! machine, MPI between machines; `KFAC_NODE_SIZE=k` presents one machine
 //! as several of k ranks). Rank 0 prints the result. The single-process
@@ -68,7 +69,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kfac::demo::{
+use kfac_demo::{
     train_with, FisherKind, KfacSettings, Optimizer, RunResult, Target, Task, TrainConfig,
 };
 use plotters::coord::Shift;
@@ -141,7 +142,7 @@ fn parse_args() -> Result<Args, String> {
                     }
                 };
                 if args.comm != CommKind::Shm && !cfg!(feature = "mpi") {
-                    return Err("--comm mpi|hier needs MPI support: build with `cargo build --release --features mpi --example train` (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev) and start it with mpirun".into());
+                    return Err("--comm mpi|hier needs MPI support: build with `cargo build --release -p kfac-demo --features mpi` (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev) and start it with mpirun".into());
                 }
             }
             "-h" | "--help" => {
@@ -343,8 +344,8 @@ fn wall_nanos() -> u128 {
 
 /// One rank of the `--workers` run: K-FAC only, its shard of every batch.
 fn worker(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Error>> {
-    use kfac::runtime::comm::shm::{ShmGroup, ShmOptions};
-    use kfac::runtime::comm::Communicator;
+    use kfac_runtime::comm::shm::{ShmGroup, ShmOptions};
+    use kfac_runtime::comm::Communicator;
     let group = ShmGroup::from_env(ShmOptions::default())?;
     let (rank, world) = (group.rank(), group.size());
     let opt = optimizers(args.task)
@@ -354,7 +355,7 @@ fn worker(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Erro
     let mut cfg = TrainConfig::new(args.task, opt);
     cfg.epochs = epochs;
     cfg.seed = args.seed;
-    let run = kfac::demo::train_distributed(&cfg, Box::new(group), |_| {})?;
+    let run = kfac_demo::train_distributed(&cfg, Box::new(group), |_| {})?;
     if rank == 0 {
         println!("{}", stage_row(world, &run, target));
     }
@@ -365,9 +366,9 @@ fn worker(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Erro
 /// every batch; rank 0 prints the result.
 #[cfg(feature = "mpi")]
 fn mpi_rank(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Error>> {
-    use kfac::runtime::comm::hier::{HierComm, HierOptions};
-    use kfac::runtime::comm::mpi::{abort_world, init, MpiComm, MpiOptions};
-    use kfac::runtime::comm::Communicator;
+    use kfac_runtime::comm::hier::{HierComm, HierOptions};
+    use kfac_runtime::comm::mpi::{abort_world, init, MpiComm, MpiOptions};
+    use kfac_runtime::comm::Communicator;
     // Initialized here, finalized when `_universe` drops at the end.
     let _universe = init()?;
     let comm: Box<dyn Communicator> = match args.comm {
@@ -382,7 +383,7 @@ fn mpi_rank(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Er
     let mut cfg = TrainConfig::new(args.task, opt);
     cfg.epochs = epochs;
     cfg.seed = args.seed;
-    match kfac::demo::train_distributed(&cfg, comm, |_| {}) {
+    match kfac_demo::train_distributed(&cfg, comm, |_| {}) {
         Ok(run) => {
             if rank == 0 {
                 let name = if args.comm == CommKind::Hier {
@@ -409,7 +410,7 @@ fn mpi_rank(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Er
 
 #[cfg(not(feature = "mpi"))]
 fn mpi_rank(_: &Args, _: usize, _: Target) -> Result<(), Box<dyn Error>> {
-    Err("--comm mpi|hier needs MPI support: build with `--features mpi`".into())
+    Err("--comm mpi|hier needs MPI support: build with `-p kfac-demo --features mpi`".into())
 }
 
 fn print_table(runs: &[RunResult], target: Target) {
@@ -560,14 +561,18 @@ fn panel(
 /// against training seconds (and, for the autoencoder, the reconstruction
 /// error too). Returns the path.
 fn plot(runs: &[RunResult], task: Task) -> Result<PathBuf, Box<dyn Error>> {
+    // The workspace's target directory (this crate lives in `<root>/demo`).
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .unwrap_or_else(|| {
+            let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            manifest.parent().unwrap_or(manifest).join("target")
+        })
         .join("kfac-demo");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{task}.svg"));
 
-    type Metric = fn(&kfac::demo::EpochRecord) -> Option<f64>;
+    type Metric = fn(&kfac_demo::EpochRecord) -> Option<f64>;
     let mut rows: Vec<(&str, Metric)> = vec![("test loss", |r| Some(r.test_loss))];
     if task == Task::Autoencoder {
         rows.push(("test reconstruction error", |r| r.test_recon_error));

@@ -8,18 +8,18 @@ mod common;
 
 use common::*;
 use faer::dyn_stack::MemStack;
-use kfac::kernels::inverse::{
+use kfac_kernels::inverse::{
     damped_inverse, damped_inverse_scratch, factored_damping, precondition_inverse,
     precondition_inverse_scratch, tikhonov_pi,
 };
-use kfac::kernels::kron::{
+use kfac_kernels::kron::{
     kron as kernel_kron, kron_apply, kron_apply_scratch, kron_damped_solve,
     kron_damped_solve_scratch,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-fn fail(e: kfac::kernels::Error) -> TestCaseError {
+fn fail(e: kfac_kernels::Error) -> TestCaseError {
     TestCaseError::fail(format!("kernel returned an error: {e}"))
 }
 

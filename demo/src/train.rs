@@ -276,7 +276,7 @@ pub fn train(config: &TrainConfig) -> Result<RunResult, DemoError> {
 /// fails (e.g. a damping too small for the factors).
 ///
 /// ```
-/// use kfac::demo::{train, Optimizer, Task, TrainConfig};
+/// use kfac_demo::{train, Optimizer, Task, TrainConfig};
 /// let mut cfg = TrainConfig::new(Task::Classify, Optimizer::Sgd { lr: 0.1, momentum: 0.9 });
 /// cfg.layer_sizes = vec![64, 16, 10];
 /// cfg.epochs = 1;
