@@ -248,13 +248,23 @@ fn ranks_die_with_a_sigkilled_launcher() {
 
 #[test]
 fn background_process_holding_stdout_does_not_keep_the_launcher() {
+    // Rank 1 fails only once rank 0 has printed (marker file), so that
+    // fail-fast cannot stop rank 0 before it says which pid it left behind.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let marker = format!("/tmp/kfac-launch-test-{}-{nanos}", std::process::id());
+    let failing = format!(
+        "sleep 1000 & echo bg=$!; if [ \"$KFAC_RANK\" = 1 ]; then i=0; \
+         while [ ! -e {marker} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; \
+         exit 3; fi; touch {marker}"
+    );
     for (script, want) in [
-        ("sleep 1000 & echo bg=$!; exit 0", 0),
-        (
-            "sleep 1000 & echo bg=$!; if [ \"$KFAC_RANK\" = 1 ]; then exit 3; fi",
-            3,
-        ),
+        ("sleep 1000 & echo bg=$!; exit 0".to_string(), 0),
+        (failing, 3),
     ] {
+        let script = script.as_str();
         let mut job = Job::start(&["-n", "2", "--", "sh", "-c", script]);
         let bg = job.read_pids(2, Duration::from_secs(10));
         let t0 = Instant::now();
@@ -269,6 +279,7 @@ fn background_process_holding_stdout_does_not_keep_the_launcher() {
             "{script}: background processes left running"
         );
     }
+    let _ = std::fs::remove_file(&marker);
 }
 
 /// Rank program for `segment_is_removed_when_a_rank_fails_before_attaching`
