@@ -226,6 +226,24 @@ pub fn segment_exists(group: &str) -> bool {
     std::path::Path::new(&format!("/dev/shm/kfac-{group}")).exists()
 }
 
+/// Removes the segment of `group` from `/dev/shm` if it is there; returns
+/// whether one was. For launchers, which own the group name: ranks unlink
+/// the segment once every rank has attached, so only a job whose rank died
+/// before that leaves one behind. Ranks that still have it mapped keep
+/// using it (only the name goes). Errors: an invalid group name, or
+/// `shm_unlink` failing other than with ENOENT.
+pub fn remove_segment(group: &str) -> Result<bool, CommError> {
+    let name = segment_name(group)?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    if unsafe { libc::shm_unlink(name.as_ptr()) } == 0 {
+        return Ok(true);
+    }
+    if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+        return Ok(false);
+    }
+    Err(os_err("shm_unlink"))
+}
+
 struct Mapping {
     base: *mut u8,
     len: usize,
