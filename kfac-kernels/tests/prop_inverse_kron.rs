@@ -80,9 +80,11 @@ fn inv_case() -> impl Strategy<Value = InvCase> {
 /// symmetric. With `M = A + shift I` (A as rounded to `T`) and
 /// `kappa = (μ_max + shift) / (μ_min + shift)` (Jacobi eigenvalues μ of A):
 ///
-/// * residual `||M X - I||_2 <= 8 d eps kappa` (inverse from a Cholesky
-///   factorization, Higham ch. 14: `c d u kappa`, plus the rounding of the
-///   shifted diagonal);
+/// * residual `||M X - I||_2 <= 16 d eps kappa` (inverse from a Cholesky
+///   factorization, Higham ch. 14: `c d u kappa` with an
+///   implementation-dependent `c`, which includes the rounding of the
+///   shifted diagonal; the largest seen is `c = 8.01`, in the regression
+///   case below, so `c = 16` leaves a factor of two);
 /// * forward error `||X - M^{-1}||_2 <= 8 d kappa (eps + eps64) ||M^{-1}||_2`
 ///   against `M^{-1}` from the f64 Gaussian elimination (whose own error is
 ///   `c d eps64 kappa`).
@@ -132,17 +134,17 @@ fn check_damped_inverse<T: Flt>(case: &InvCase) -> Result<(), TestCaseError> {
     let x = out.to_m();
     let m = a.sym_from_lower().add_diag(shift);
     let mu = jacobi_eigenvalues(&a);
+    let df = d as f64;
     let kappa = (mu[d - 1] + shift) / (mu[0] + shift);
     prop_assert!(
         kappa > 0.0 && kappa.is_finite(),
         "test setup: kappa = {}",
         kappa
     );
-    let df = d as f64;
     check_le(
         &format!("||(A + shift I) X - I||_2 (kappa = {kappa:.3e})"),
         spectral_norm(&matmul(&m, &x).sub(&M::identity(d))),
-        8.0 * df * T::eps() * kappa,
+        16.0 * df * T::eps() * kappa,
     )?;
     let want = gauss_solve(&m, &M::identity(d));
     check_le(
@@ -157,6 +159,27 @@ both_types!(
     inv_case(),
     check_damped_inverse
 );
+
+/// A case proptest once found where the residual reached `8.01 d eps
+/// kappa` (kappa 1.9e8), above the former constant 8: a rank-deficient
+/// near-duplicate Gram factor with a tiny shift.
+#[test]
+fn damped_inverse_regression_rank_deficient_tiny_shift() {
+    let case = InvCase {
+        d: 10,
+        src: FactorSrc::Gram {
+            n: 5,
+            kind: Kind::NearDuplicate { exact: false },
+        },
+        u_frac: 0.9898831795109171,
+        zero_shift: false,
+        a_layout: Layout::ColMajor,
+        out_layout: Layout::ColMajor,
+        rayon: false,
+        seed: 7189072294181883321,
+    };
+    check_damped_inverse::<f64>(&case).unwrap();
+}
 
 // ---------------------------------------------------------------------------
 // tikhonov_pi / factored_damping
