@@ -13,7 +13,7 @@
 //! | 24 | .. | payload |
 //!
 //! The payload is, in order: the configuration (every field of
-//! [`Config`]); `steps`, `factor_updates` (`u64`); the
+//! [`Config`](crate::Config)); `steps`, `factor_updates` (`u64`); the
 //! current damping and learning rate (`f64`); the loss scale set by
 //! `set_grad_scale` (`f64`, since version 2); the number of layers (`u32`);
 //! then per layer: name (`u32` length + UTF-8), kind (`u8` tag + `u64`
