@@ -426,3 +426,18 @@ fn c_mlp_runs_under_mpirun_through_kfac_comm_mpi() {
         }
     }
 }
+
+/// The minimal C program of README.md compiles as strict C99, links, runs
+/// and reports no error (so the README's example cannot go stale).
+#[test]
+fn readme_c_example_compiles_and_runs_cleanly() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme.find("```c\n").expect("README has a C example") + 5;
+    let len = readme[start..].find("```").unwrap();
+    let src = tempdir("readme").join("readme_example.c");
+    std::fs::write(&src, &readme[start..start + len]).unwrap();
+    let exe = compile(src.to_str().unwrap(), "readme_example", false, Link::Static);
+    let out = Command::new(&exe).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("kfac:"), "{err}");
+}
