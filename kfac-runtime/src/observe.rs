@@ -219,6 +219,26 @@ pub(crate) fn unreachable_diag() -> ! {
     panic!("internal error: diagonal factor used as dense")
 }
 
+/// `C <- alpha C + beta [X 1]^T [X 1]` (lower triangle) into a dense
+/// accumulator factor, with the layer's scratch.
+#[allow(clippy::too_many_arguments)]
+fn syrk(
+    scratch: &crate::state::Scratch,
+    c: &mut Factor,
+    alpha: f32,
+    beta: f32,
+    x: FiniteMat<'_, f32>,
+    bias: bool,
+    name: &str,
+) -> Result<()> {
+    let (n, d) = (x.get().nrows(), x.get().ncols());
+    let req = factor::syrk_update_scratch::<f32>(n, d, bias, Par::Seq);
+    scratch.with(req, |stack| {
+        factor::syrk_update_prechecked(dense(c), alpha, beta, x, bias, Par::Seq, stack)
+            .map_err(kerr(name))
+    })
+}
+
 /// Validates `obs` and adds it to the layer's accumulator.
 pub(crate) fn observe_layer(
     l: &mut LayerState,
@@ -248,30 +268,19 @@ pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, mode: ObserveMode
                 Compat::KfacPytorch => (1.0 / n as f32, 1.0),
             };
             let bias = l.kind.has_bias();
-            let req = factor::syrk_update_scratch::<f32>(n, x.get().ncols(), bias, Par::Seq);
-            let acc = &mut l.acc;
-            l.scratch.with(req, |stack| {
-                factor::syrk_update_prechecked(
-                    dense(&mut acc.a),
-                    alpha,
-                    beta,
-                    x,
-                    bias,
-                    Par::Seq,
-                    stack,
-                )
-                .map_err(kerr(name))?;
-                factor::syrk_update_prechecked(
-                    dense(&mut acc.g),
-                    alpha,
-                    beta * g_scale,
-                    g,
-                    false,
-                    Par::Seq,
-                    stack,
-                )
-                .map_err(kerr(name))
-            })?;
+            // A first: its bias scratch is the only one that may need to
+            // grow (and fail); G's needs none, so no error can follow a
+            // write.
+            syrk(&l.scratch, &mut l.acc.a, alpha, beta, x, bias, name)?;
+            syrk(
+                &l.scratch,
+                &mut l.acc.g,
+                alpha,
+                beta * g_scale,
+                g,
+                false,
+                name,
+            )?;
         }
         Checked::Conv2d {
             input,
@@ -319,24 +328,21 @@ pub(crate) fn accumulate(l: &mut LayerState, obs: Checked<'_>, mode: ObserveMode
                 Compat::Native => (1.0, n as f64),
                 Compat::KfacPytorch => (1.0 / n as f32, 1.0),
             };
+            // G first (scratch, if any, is allocated before it writes);
+            // the token counts cannot fail after validation.
+            syrk(
+                &l.scratch,
+                &mut l.acc.g,
+                alpha,
+                beta * g_scale,
+                g,
+                false,
+                name,
+            )?;
             let Factor::Diag(d) = &mut l.acc.a else {
                 unreachable_diag()
             };
             factor::diag_token_counts_update(d, first, beta, tokens).map_err(kerr(name))?;
-            let req = factor::syrk_update_scratch::<f32>(n, g.get().ncols(), false, Par::Seq);
-            let acc = &mut l.acc;
-            l.scratch.with(req, |stack| {
-                factor::syrk_update_prechecked(
-                    dense(&mut acc.g),
-                    alpha,
-                    beta * g_scale,
-                    g,
-                    false,
-                    Par::Seq,
-                    stack,
-                )
-                .map_err(kerr(name))
-            })?;
         }
         Checked::Kronecker { a, g, samples } => {
             (beta, add_weight) = match compat {
