@@ -221,7 +221,6 @@ pub(crate) fn unreachable_diag() -> ! {
 
 /// `C <- alpha C + beta [X 1]^T [X 1]` (lower triangle) into a dense
 /// accumulator factor, with the layer's scratch.
-#[allow(clippy::too_many_arguments)]
 fn syrk(
     scratch: &crate::state::Scratch,
     c: &mut Factor,
