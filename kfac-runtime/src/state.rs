@@ -5,7 +5,8 @@
 use std::sync::Mutex;
 
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
-use faer::Mat;
+use faer::{Mat, Par};
+use kfac_kernels::{eigen, inverse};
 
 use crate::config::Compat;
 use crate::layer::LayerKind;
@@ -65,6 +66,18 @@ impl std::fmt::Debug for Scratch {
     }
 }
 
+/// Scratch of every preconditioning kernel for a `d_out x d` gradient
+/// (sized once per layer at registration).
+pub(crate) fn precondition_scratch(d_out: usize, d: usize) -> StackReq {
+    let par = Par::Seq;
+    StackReq::any_of(&[
+        eigen::precondition_eigen_scratch::<f32>(d_out, d, par),
+        eigen::precondition_eigen_diag_a_scratch::<f32>(d_out, d, par),
+        inverse::precondition_inverse_scratch::<f32>(d_out, d, par),
+        inverse::precondition_inverse_diag_a_scratch::<f32>(d_out, d, par),
+    ])
+}
+
 fn alloc(req: StackReq) -> Result<MemBuffer> {
     MemBuffer::try_new(req).map_err(|_| Error::OutOfMemory {
         what: "kernel scratch",
@@ -116,7 +129,7 @@ impl LayerState {
                 count: 0,
             },
             inv: None,
-            scratch: Scratch::new(crate::step::precondition_scratch(d_out, d))?,
+            scratch: Scratch::new(precondition_scratch(d_out, d))?,
         })
     }
 

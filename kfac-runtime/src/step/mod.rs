@@ -22,8 +22,6 @@ mod factors;
 mod invert;
 mod plan;
 mod precondition;
-
-pub(crate) use precondition::precondition_scratch;
 mod validate;
 
 use std::time::{Duration, Instant};
@@ -54,6 +52,31 @@ fn timed<T>(ex: &mut Exchange<'_>, f: impl FnOnce(&mut Exchange<'_>) -> T) -> (T
     let out = f(ex);
     let comm = ex.traffic.time.saturating_sub(c0);
     (out, t0.elapsed().saturating_sub(comm))
+}
+
+impl Preconditioner {
+    /// One K-FAC step: updates the factors when due, recomputes the
+    /// inverses when due (always on the first step), preconditions every
+    /// gradient in place (weights and biases), applies KL clipping, and
+    /// returns the step's statistics.
+    ///
+    /// Gradients of excluded layers may be passed and are left unchanged.
+    /// With several ranks, every rank calls `step` with its own
+    /// observations and the same (already averaged) gradients; factor
+    /// statistics are summed across ranks, each factor is decomposed by its
+    /// owner and shared (see [`Config::grad_worker_fraction`]).
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::MissingGradient`],
+    /// [`Error::Mismatch`] (shapes, a layer passed twice),
+    /// [`Error::MissingObservation`] when a factor update is due and a layer
+    /// was not observed, [`Error::NonFinite`] (NaN/Inf gradients),
+    /// [`Error::Kernel`] (a decomposition that fails), [`Error::Distributed`] (another rank
+    /// refused its arguments, or the ranks' configurations differ),
+    /// [`Error::Comm`]. The state and the gradients are unchanged on error.
+    pub fn step(&mut self, grads: &mut [LayerGrad<'_>]) -> Result<StepStats> {
+        run(self, grads)
+    }
 }
 
 /// One step (see [`Preconditioner::step`] for the contract).

@@ -7,7 +7,6 @@
 //! (the same bits: same inputs, same kernels). Each rank gets every layer's
 //! `V` exactly once.
 
-use faer::dyn_stack::StackReq;
 use faer::prelude::Reborrow;
 use faer::{Mat, MatRef, Par};
 use kfac_kernels::{eigen, inverse, kl};
@@ -23,18 +22,6 @@ use super::Ctx;
 
 fn kerr(layer: &str) -> impl FnOnce(kfac_kernels::Error) -> Error + '_ {
     Error::kernel(layer)
-}
-
-/// Scratch of every preconditioning kernel for a `d_out x d` gradient
-/// (sized once per layer at registration).
-pub(crate) fn precondition_scratch(d_out: usize, d: usize) -> StackReq {
-    let par = Par::Seq;
-    StackReq::any_of(&[
-        eigen::precondition_eigen_scratch::<f32>(d_out, d, par),
-        eigen::precondition_eigen_diag_a_scratch::<f32>(d_out, d, par),
-        inverse::precondition_inverse_scratch::<f32>(d_out, d, par),
-        inverse::precondition_inverse_diag_a_scratch::<f32>(d_out, d, par),
-    ])
 }
 
 /// A layer's preconditioned gradient `V` (`d_out x d`) and `<V, grad>`.
@@ -146,80 +133,89 @@ fn precondition(
     let mut v = raw.clone();
     let (d_out, d) = (v.nrows(), v.ncols());
     let par = Par::Seq;
-    l.scratch.with(precondition_scratch(d_out, d), |stack| {
-        match cache {
-            InverseCache::Eigen {
-                qa: Some(qa),
-                la,
-                qg,
-                lg,
-                denom: Some(den),
-            } => {
-                let _ = (la, lg);
-                eigen::precondition_eigen_precomputed(
+    l.scratch
+        .with(crate::state::precondition_scratch(d_out, d), |stack| {
+            match cache {
+                InverseCache::Eigen {
+                    qa: Some(qa),
+                    la,
+                    qg,
+                    lg,
+                    denom: Some(den),
+                } => {
+                    let _ = (la, lg);
+                    eigen::precondition_eigen_precomputed(
+                        v.as_mut(),
+                        qg.as_ref(),
+                        qa.as_ref(),
+                        den.as_ref(),
+                        par,
+                        stack,
+                    )
+                }
+                InverseCache::Eigen {
+                    qa: Some(qa),
+                    la,
+                    qg,
+                    lg,
+                    denom: None,
+                } => eigen::precondition_eigen(
                     v.as_mut(),
                     qg.as_ref(),
+                    lg,
                     qa.as_ref(),
+                    la,
+                    damping as f32,
+                    par,
+                    stack,
+                ),
+                // Diagonal A (embeddings): Q_A = I.
+                InverseCache::Eigen {
+                    qa: None,
+                    qg,
+                    denom: Some(den),
+                    ..
+                } => eigen::precondition_eigen_diag_a_precomputed(
+                    v.as_mut(),
+                    qg.as_ref(),
                     den.as_ref(),
                     par,
                     stack,
-                )
+                ),
+                InverseCache::Eigen {
+                    qa: None,
+                    la,
+                    qg,
+                    lg,
+                    denom: None,
+                } => eigen::precondition_eigen_diag_a(
+                    v.as_mut(),
+                    qg.as_ref(),
+                    lg,
+                    la,
+                    damping as f32,
+                    par,
+                    stack,
+                ),
+                InverseCache::Inverse {
+                    a_inv: Factor::Dense(ai),
+                    g_inv,
+                } => inverse::precondition_inverse(
+                    v.as_mut(),
+                    g_inv.as_ref(),
+                    ai.as_ref(),
+                    par,
+                    stack,
+                ),
+                InverseCache::Inverse {
+                    a_inv: Factor::Diag(ai),
+                    g_inv,
+                } => {
+                    inverse::precondition_inverse_diag_a(v.as_mut(), g_inv.as_ref(), ai, par, stack)
+                }
             }
-            InverseCache::Eigen {
-                qa: Some(qa),
-                la,
-                qg,
-                lg,
-                denom: None,
-            } => eigen::precondition_eigen(
-                v.as_mut(),
-                qg.as_ref(),
-                lg,
-                qa.as_ref(),
-                la,
-                damping as f32,
-                par,
-                stack,
-            ),
-            // Diagonal A (embeddings): Q_A = I.
-            InverseCache::Eigen {
-                qa: None,
-                qg,
-                denom: Some(den),
-                ..
-            } => eigen::precondition_eigen_diag_a_precomputed(
-                v.as_mut(),
-                qg.as_ref(),
-                den.as_ref(),
-                par,
-                stack,
-            ),
-            InverseCache::Eigen {
-                qa: None,
-                la,
-                qg,
-                lg,
-                denom: None,
-            } => eigen::precondition_eigen_diag_a(
-                v.as_mut(),
-                qg.as_ref(),
-                lg,
-                la,
-                damping as f32,
-                par,
-                stack,
-            ),
-            InverseCache::Inverse {
-                a_inv: Factor::Dense(ai),
-                g_inv,
-            } => inverse::precondition_inverse(v.as_mut(), g_inv.as_ref(), ai.as_ref(), par, stack),
-            InverseCache::Inverse {
-                a_inv: Factor::Diag(ai),
-                g_inv,
-            } => inverse::precondition_inverse_diag_a(v.as_mut(), g_inv.as_ref(), ai, par, stack),
-        }
-        .map_err(kerr(name))
-    })?;
+            .map_err(kerr(name))
+        })?;
     let dot = kl::frobenius_dot(v.as_ref(), raw.as_ref()).map_err(kerr(name))? as f64;
     if !dot.is_finite() || !v.col_iter().all(|c| c.iter().all(|x| x.is_finite())) {
         return Err(Error::non_finite(
