@@ -672,7 +672,7 @@ fn struct_size_rules_of_kfac_config() {
     let cur = size_of::<KfacConfig>();
     // No padding anywhere (so none at the end for a future field to use):
     // the fields' sizes add up to the struct's.
-    assert_eq!(cur, size_of::<usize>() + 5 * 8 + 2 * 8 + 6 * 4);
+    assert_eq!(cur, size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4);
     assert_eq!(
         size_of::<KfacCollectives>(),
         2 * size_of::<usize>() + 8 + 4 * size_of::<usize>()
