@@ -67,13 +67,15 @@ impl Preconditioner {
     /// owner and shared (see [`Config::grad_worker_fraction`]).
     ///
     /// # Errors
-    /// [`Error::UnknownLayer`], [`Error::MissingGradient`],
-    /// [`Error::Mismatch`] (shapes, a layer passed twice),
-    /// [`Error::MissingObservation`] when a factor update is due and a layer
-    /// was not observed, [`Error::NonFinite`] (NaN/Inf gradients),
-    /// [`Error::Kernel`] (a decomposition that fails), [`Error::Distributed`] (another rank
+    /// [`Error::UnknownLayer`](crate::Error::UnknownLayer), [`Error::MissingGradient`](crate::Error::MissingGradient),
+    /// [`Error::Mismatch`](crate::Error::Mismatch) (shapes, a layer passed twice),
+    /// [`Error::MissingObservation`](crate::Error::MissingObservation) when a factor update is due and a layer
+    /// was not observed, [`Error::NonFinite`](crate::Error::NonFinite) (NaN/Inf gradients),
+    /// [`Error::Kernel`](crate::Error::Kernel) (a decomposition that fails), [`Error::Distributed`](crate::Error::Distributed) (another rank
     /// refused its arguments, or the ranks' configurations differ),
-    /// [`Error::Comm`]. The state and the gradients are unchanged on error.
+    /// [`Error::RankFailed`](crate::Error::RankFailed) (another rank failed
+    /// its part of the step: every rank returns together),
+    /// [`Error::Comm`](crate::Error::Comm). The state and the gradients are unchanged on error.
     pub fn step(&mut self, grads: &mut [LayerGrad<'_>]) -> Result<StepStats> {
         run(self, grads)
     }
