@@ -131,6 +131,26 @@ typedef enum {
   KFAC_LAYOUT_NHWC = 1,
 } KfacLayout;
 
+// Kind of a registered layer, as `kfac_layer_info` reports it.
+typedef enum {
+  // `kfac_register_linear`.
+  KFAC_LAYER_LINEAR = 0,
+  // `kfac_register_conv2d`.
+  KFAC_LAYER_CONV2D = 1,
+  // `kfac_register_embedding` (diagonal A).
+  KFAC_LAYER_EMBEDDING = 2,
+  // A generic Kronecker block (Rust API only).
+  KFAC_LAYER_KRONECKER = 3,
+} KfacLayerKind;
+
+// What `kfac_get_decomposition` wrote.
+typedef enum {
+  // Eigenvectors (`a`, `g`) and eigenvalues (`la`, `lg`).
+  KFAC_DECOMPOSITION_EIGEN = 0,
+  // Damped inverses (`a`, `g`); `la`/`lg` untouched.
+  KFAC_DECOMPOSITION_INVERSE = 1,
+} KfacDecompositionKind;
+
 // A communicator (single process, shared-memory group, MPI or caller
 // collectives). Opaque.
 typedef struct KfacComm KfacComm;

@@ -157,9 +157,16 @@ int run() {
   double checksum = 0;
   for (float v : l2.w.v) checksum += v;
   const double accuracy = static_cast<double>(correct) / N;
+  // Read access: names, factor sizes and fc2's eigendecomposition.
+  const auto d1 = static_cast<std::size_t>(D1), d2 = static_cast<std::size_t>(D2);
+  const bool inspect_ok = p.layer_id("fc2") == id2 && p.layer_name(id1) == "fc1" &&
+                          p.layer_info(id2).d_a == d1 + 1 &&
+                          p.factors(id2).second.size() == d2 * d2 &&
+                          p.decomposition(id2).lg.size() == d2;
+  const bool ok = accuracy > 0.9 && inspect_ok;
   std::printf("rank %u/%u: accuracy %.3f checksum %.6f %s\n", rank, world, accuracy, checksum,
-              accuracy > 0.9 ? "ok" : "FAILED");
-  return accuracy > 0.9 ? 0 : 1;
+              ok ? "ok" : "FAILED");
+  return ok ? 0 : 1;
 }
 
 }  // namespace
