@@ -43,6 +43,7 @@ use faer::{MatMut, MatRef};
 #[derive(Clone, Copy, Debug)]
 pub struct FiniteMat<'a, T> {
     m: MatRef<'a, T>,
+    sum_sq: f64,
 }
 
 impl<'a, T> FiniteMat<'a, T> {
@@ -50,6 +51,15 @@ impl<'a, T> FiniteMat<'a, T> {
     #[inline]
     pub fn get(self) -> MatRef<'a, T> {
         self.m
+    }
+
+    /// `sum_ij m_ij^2` (the squared Frobenius norm), accumulated in `f64`
+    /// during the check. It bounds every entry of `m^T m` and `m m^T`
+    /// (Cauchy-Schwarz), so a caller can tell before a SYRK whether the
+    /// product can overflow. Infinite only for `f64` data above ~1e154.
+    #[inline]
+    pub fn sum_of_squares(self) -> f64 {
+        self.sum_sq
     }
 }
 
@@ -59,6 +69,7 @@ impl<'a, T> FiniteMat<'a, T> {
 #[derive(Clone, Copy, Debug)]
 pub struct FiniteImage<'a, T> {
     img: ImageRef<'a, T>,
+    sum_sq: f64,
 }
 
 impl<'a, T> FiniteImage<'a, T> {
@@ -67,13 +78,24 @@ impl<'a, T> FiniteImage<'a, T> {
     pub fn get(self) -> ImageRef<'a, T> {
         self.img
     }
+
+    /// The sum of the squares of every addressed entry, accumulated in
+    /// `f64` during the check. For a fixed kernel tap, distinct output
+    /// positions read distinct input pixels, so this bounds every entry of
+    /// the unnormalized patch statistic `P^T P` of a convolution over the
+    /// tensor (and of `G`'s sum over positions).
+    #[inline]
+    pub fn sum_of_squares(self) -> f64 {
+        self.sum_sq
+    }
 }
 
 /// Checks that every entry of `m` (any strides) is finite and returns the
 /// proof of it.
 ///
 /// A branch-free pass over unit-stride columns (or rows) runs first; the
-/// locating scan runs only when it finds a bad entry.
+/// locating scan runs only when it finds a bad entry. The same pass
+/// accumulates [`FiniteMat::sum_of_squares`].
 ///
 /// # Errors
 /// [`Error::NonFinite`] with `what` and the (row, column) of the first NaN or
@@ -82,8 +104,8 @@ pub fn finite_matrix<'a, T: Real>(
     what: &'static str,
     m: MatRef<'a, T>,
 ) -> Result<FiniteMat<'a, T>> {
-    finite(what, m)?;
-    Ok(FiniteMat { m })
+    let sum_sq = finite_sum_sq(what, m)?;
+    Ok(FiniteMat { m, sum_sq })
 }
 
 /// Checks that every entry of a 4-D tensor view is finite and returns the
@@ -94,8 +116,8 @@ pub fn finite_matrix<'a, T: Real>(
 /// first bad value (`col` is 0); otherwise `(row, col)` is its
 /// `(sample, channel)`.
 pub fn finite_image<T: Real>(img: ImageRef<'_, T>) -> Result<FiniteImage<'_, T>> {
-    crate::conv::check_image_finite(&img)?;
-    Ok(FiniteImage { img })
+    let sum_sq = crate::conv::check_image_finite(&img)?;
+    Ok(FiniteImage { img, sum_sq })
 }
 
 pub(crate) fn shape<T>(
@@ -170,6 +192,71 @@ pub(crate) fn finite<T: Real>(what: &'static str, m: MatRef<'_, T>) -> Result<()
         return Ok(());
     }
     locate_non_finite(what, m)
+}
+
+/// [`finite`] that also returns `sum m_ij^2` in `f64`.
+fn finite_sum_sq<T: Real>(what: &'static str, m: MatRef<'_, T>) -> Result<f64> {
+    let v = if m.row_stride() == 1 {
+        m
+    } else {
+        m.transpose()
+    };
+    if v.row_stride() == 1 {
+        let mut total = 0.0f64;
+        let mut ok = true;
+        for c in v.col_iter() {
+            match c.try_as_col_major() {
+                Some(c) => {
+                    let (fin, s) = finite_and_sum_sq(c.as_slice());
+                    ok &= fin;
+                    total += s;
+                }
+                None => ok = false,
+            }
+            if !ok {
+                break;
+            }
+        }
+        if ok {
+            return Ok(total);
+        }
+    } else if all_finite_strided(m) {
+        let mut total = 0.0f64;
+        for j in 0..m.ncols() {
+            for i in 0..m.nrows() {
+                let x = m[(i, j)].to_f64();
+                total += x * x;
+            }
+        }
+        return Ok(total);
+    }
+    locate_non_finite(what, m).map(|()| 0.0)
+}
+
+fn all_finite_strided<T: Real>(m: MatRef<'_, T>) -> bool {
+    (0..m.ncols()).all(|j| (0..m.nrows()).all(|i| m[(i, j)].is_finite_val()))
+}
+
+/// `(every entry finite, sum of squares in f64)` in one pass with eight
+/// independent accumulators (so it vectorizes); the sum is meaningless
+/// when the flag is `false`.
+pub(crate) fn finite_and_sum_sq<T: Real>(s: &[T]) -> (bool, f64) {
+    let mut ok = true;
+    let mut acc = [0.0f64; 8];
+    let mut chunks = s.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            ok &= c[k].is_finite_val();
+            let x = c[k].to_f64();
+            acc[k] += x * x;
+        }
+    }
+    for (k, v) in chunks.remainder().iter().enumerate() {
+        ok &= v.is_finite_val();
+        let x = v.to_f64();
+        acc[k] += x * x;
+    }
+    (ok, acc.iter().sum())
 }
 
 /// `true` iff every entry is finite (`&`-reductions over chunks, no early

@@ -1477,3 +1477,75 @@ fn kl_kernels_reject_bad_arguments() {
     kl_errors::<f32>();
     kl_errors::<f64>();
 }
+
+/// #11 item 10: a strided view whose logical element count overflows usize
+/// (huge dims, zero strides) is refused with `SizeOverflow`, not an
+/// arithmetic-overflow panic, by the finiteness check and the G kernel.
+#[test]
+fn huge_strided_views_are_refused_not_overflowed() {
+    let data = [1.0f32; 4];
+    let big = 1usize << 20;
+    let img = ImageRef::with_strides(&data, [big, big, big, big], [0, 0, 0, 0]).unwrap();
+    assert!(matches!(
+        kfac_kernels::check::finite_image(img),
+        Err(Error::SizeOverflow { .. })
+    ));
+    let img = ImageRef::with_strides(&data, [big, 1, big, big * big], [0, 0, 0, 0]).unwrap();
+    let mut g = Mat::<f32>::zeros(1, 1);
+    let r = conv2d_g_update(g.as_mut(), 0.0, 1.0, img, ConvNormalization::Kfc, Par::Seq);
+    assert!(matches!(r, Err(Error::SizeOverflow { .. })), "{r:?}");
+    assert_eq!(g[(0, 0)], 0.0);
+}
+
+/// The sums of squares the finiteness proofs carry equal a naive f64 sum,
+/// for every layout and for values whose f32 squares overflow.
+#[test]
+fn finiteness_proofs_carry_the_sum_of_squares() {
+    let vals: Vec<f32> = (0..7 * 5).map(|k| (k as f32 - 17.0) * 1.5e18).collect();
+    let naive: f64 = vals.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let close = |s: f64| ((s - naive) / naive).abs() < 1e-12;
+    let rm = MatRef::from_row_major_slice(&vals, 7, 5);
+    let cm = MatRef::from_column_major_slice(&vals, 7, 5);
+    for m in [rm, cm, rm.reverse_rows(), cm.transpose()] {
+        let s = kfac_kernels::check::finite_matrix("x", m)
+            .unwrap()
+            .sum_of_squares();
+        assert!(close(s), "{s} vs {naive}");
+    }
+    // A matrix view with neither stride 1 (every other row and column).
+    let wide: Vec<f32> = (0..14 * 10).map(|k| (k % 10) as f32).collect();
+    let sub = MatRef::from_row_major_slice(&wide, 14, 10);
+    let sub = unsafe_free_every_other(sub);
+    assert!(sub.row_stride() != 1 && sub.col_stride() != 1);
+    let want: f64 = (0..7)
+        .flat_map(|i| (0..5).map(move |j| (i, j)))
+        .map(|(i, j)| sub[(i, j)] as f64 * sub[(i, j)] as f64)
+        .sum();
+    let got = kfac_kernels::check::finite_matrix("x", sub)
+        .unwrap()
+        .sum_of_squares();
+    assert_eq!(got, want);
+    let nchw = ImageRef::nchw(&vals, 1, 5, 7, 1).unwrap();
+    let s = kfac_kernels::check::finite_image(nchw)
+        .unwrap()
+        .sum_of_squares();
+    assert!(close(s));
+    let strided = ImageRef::with_strides(&vals, [5, 1, 7, 1], [1, 0, 5, 0]).unwrap();
+    let s = kfac_kernels::check::finite_image(strided)
+        .unwrap()
+        .sum_of_squares();
+    assert!(close(s));
+}
+
+/// Every other row and column of a 14 x 10 row-major matrix: a view with no
+/// unit stride.
+fn unsafe_free_every_other(m: MatRef<'_, f32>) -> MatRef<'_, f32> {
+    assert_eq!(
+        (m.nrows(), m.ncols(), m.row_stride(), m.col_stride()),
+        (14, 10, 10, 1)
+    );
+    // SAFETY: the 7 x 5 view with strides (20, 2) addresses offsets up to
+    // 6 * 20 + 4 * 2 = 128 < 140, all inside `m`'s data, and borrows it
+    // for `m`'s lifetime (read-only).
+    unsafe { MatRef::from_raw_parts(m.as_ptr(), 7, 5, 20, 2) }
+}

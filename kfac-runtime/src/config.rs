@@ -71,7 +71,9 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// The value at `step` (for `PerStep`, the initial value).
+    /// The value at `step` (for `PerStep`, the initial value). A piecewise
+    /// schedule with no values (which [`Config::validate`] refuses) has no
+    /// value: NaN, never a panic.
     ///
     /// ```
     /// use kfac_runtime::Schedule;
@@ -79,13 +81,18 @@ impl Schedule {
     /// assert_eq!(s.at(0), 1.0);
     /// assert_eq!(s.at(10), 0.5);
     /// assert_eq!(s.at(25), 0.1);
+    /// let empty = Schedule::Piecewise { boundaries: vec![], values: vec![] };
+    /// assert!(empty.at(3).is_nan());
     /// ```
     pub fn at(&self, step: u64) -> f64 {
         match self {
             Schedule::Constant(v) | Schedule::PerStep(v) => *v,
             Schedule::Piecewise { boundaries, values } => {
                 let i = boundaries.partition_point(|&b| b <= step);
-                values[i.min(values.len().saturating_sub(1))]
+                values
+                    .get(i.min(values.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(f64::NAN)
             }
         }
     }

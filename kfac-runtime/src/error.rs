@@ -95,6 +95,24 @@ pub enum Error {
         /// What is not finite, in words, with the position.
         what: String,
     },
+    /// An input is finite but so large that a value computed from it (a
+    /// factor statistic) would overflow f32; nothing was changed.
+    Overflow {
+        /// The layer's name.
+        layer: String,
+        /// What would overflow, with the bound and the limit.
+        what: String,
+    },
+    /// The factor update or the inversion of a step failed (a factor that
+    /// is not finite, an inversion that failed, on this rank or, as
+    /// [`Error::RankFailed`], on another): the statistics observed since the
+    /// last step were discarded, and the previous factors and
+    /// decompositions stay in use, so the next step with good observations
+    /// can succeed. The gradients are unchanged.
+    StatisticsDiscarded {
+        /// The failure.
+        cause: Box<Error>,
+    },
     /// Memory for the state or for kernel scratch could not be allocated;
     /// nothing was changed.
     OutOfMemory {
@@ -226,8 +244,9 @@ impl Error {
             Error::Checkpoint { .. } => ErrorKind::Checkpoint,
             Error::Comm(_) | Error::Distributed { .. } => ErrorKind::Comm,
             Error::ThreadPool { .. } | Error::OutOfMemory { .. } => ErrorKind::Resource,
-            Error::NonFinite { .. } => ErrorKind::NonFinite,
+            Error::NonFinite { .. } | Error::Overflow { .. } => ErrorKind::NonFinite,
             Error::RankFailed { .. } => ErrorKind::PeerFailed,
+            Error::StatisticsDiscarded { cause } => cause.kind(),
         }
     }
 
@@ -304,6 +323,12 @@ impl fmt::Display for Error {
             Error::RankFailed { rank, kind, cause } => {
                 write!(f, "rank {rank} failed its part of the step ({kind}): {cause}")
             }
+            Error::Overflow { layer, what } => write!(f, "layer '{layer}': {what} would overflow f32"),
+            Error::StatisticsDiscarded { cause } => write!(
+                f,
+                "{cause}; the statistics observed since the last step were discarded, \
+                 the previous factors and decompositions stay in use"
+            ),
         }
     }
 }
@@ -313,6 +338,7 @@ impl std::error::Error for Error {
         match self {
             Error::Kernel { source, .. } => Some(source),
             Error::Comm(e) => Some(e),
+            Error::StatisticsDiscarded { cause } => Some(&**cause),
             _ => None,
         }
     }

@@ -55,7 +55,123 @@ pub(crate) enum Checked<'a> {
     },
 }
 
+/// Validates `obs` for layer `l`: shapes, token ids, finiteness, and that
+/// accumulating it cannot overflow the layer's f32 accumulators (see
+/// [`guard_overflow`]).
 pub(crate) fn validate_observation<'a>(
+    l: &LayerState,
+    obs: &Observation<'a>,
+    mode: ObserveMode,
+) -> Result<Checked<'a>> {
+    let checked = validate_values(l, obs, mode)?;
+    guard_overflow(l, &checked, mode)?;
+    Ok(checked)
+}
+
+/// The largest magnitude an accumulator entry may reach: a quarter of
+/// `f32::MAX`, so the rounding of the sums, the running-average blend and
+/// a few ranks' sums stay finite.
+pub(crate) const ACC_LIMIT: f64 = f32::MAX as f64 / 4.0;
+
+/// Refuses an observation whose statistics could overflow the layer's f32
+/// accumulators, before anything is written.
+///
+/// The bounds are computed in f64 from the sums of squares the finiteness
+/// check accumulated (no extra pass): by Cauchy-Schwarz every entry of
+/// `X^T X` is at most `sum X^2`; for a convolution every entry of the
+/// unnormalized patch statistic is at most the input's sum of squares (a
+/// kernel tap reads each pixel at most once), and the normalization
+/// divides by at least the batch; a bias column of ones adds at most the
+/// row count; an accumulated PSD factor has no entry larger than its
+/// largest diagonal entry. Both the raw product (which the SYRK forms
+/// before scaling) and the accumulated result must stay below
+/// [`ACC_LIMIT`].
+fn guard_overflow(l: &LayerState, obs: &Checked<'_>, mode: ObserveMode) -> Result<()> {
+    let native = matches!(mode.compat, Compat::Native);
+    let g_scale = 1.0 / (mode.grad_scale * mode.grad_scale);
+    // (raw bound, scaled contribution bound) of A's and G's statistics.
+    let ((a_raw, a_add), (g_raw, g_add)) = match *obs {
+        Checked::Linear { x, g } => {
+            let n = x.get().nrows() as f64;
+            let beta = if native { 1.0 } else { 1.0 / n };
+            let bias = if l.kind.has_bias() { n } else { 0.0 };
+            let a = x.sum_of_squares().max(bias);
+            let gs = g.sum_of_squares();
+            ((a, beta * a), (gs, beta * g_scale * gs))
+        }
+        Checked::Conv2d {
+            input,
+            grads,
+            batch,
+            ..
+        } => {
+            let n = batch as f64;
+            let [_, _, oh, ow] = grads.get().dims();
+            let positions = n * (oh * ow) as f64;
+            // Native: beta = n, then averaged over >= n patches (A) or the
+            // n samples (G); kfac-pytorch: beta = 1 over n S^3 >= n.
+            let (beta, div) = if native { (n, n) } else { (1.0, n) };
+            let bias = if l.kind.has_bias() { positions } else { 0.0 };
+            let a = input.sum_of_squares().max(bias);
+            let gs = grads.sum_of_squares();
+            ((a, beta * a / div), (gs, beta * g_scale * gs / div))
+        }
+        Checked::Embedding { tokens, g } => {
+            let n = tokens.len() as f64;
+            let beta = if native { 1.0 } else { 1.0 / n };
+            let gs = g.sum_of_squares();
+            ((n, beta * n), (gs, beta * g_scale * gs))
+        }
+        Checked::Kronecker { a, g, samples } => {
+            // Caller-made statistics (not necessarily PSD): every entry is
+            // at most the Frobenius norm.
+            let beta = if native { samples as f64 } else { 1.0 };
+            let (na, ng) = (a.sum_of_squares().sqrt(), g.sum_of_squares().sqrt());
+            ((na, beta * na), (ng, beta * g_scale * ng))
+        }
+    };
+    let psd = !matches!(l.kind, LayerKind::Kronecker { .. });
+    let first = l.acc.count == 0;
+    for (which, acc, raw, add) in [("A", &l.acc.a, a_raw, a_add), ("G", &l.acc.g, g_raw, g_add)] {
+        let held = if first { 0.0 } else { max_entry(acc, psd) };
+        let bound = raw.max(held + add);
+        if bound.is_nan() || bound > ACC_LIMIT {
+            return Err(Error::Overflow {
+                layer: l.name.clone(),
+                what: format!(
+                    "the {which} statistics of this observation (entries up to {bound:.3e}, \
+                     above the accumulator limit {ACC_LIMIT:.3e} = f32::MAX / 4; nothing was accumulated)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The largest magnitude in an accumulator: the largest diagonal entry of a
+/// PSD one (which bounds the rest), else a scan of its lower triangle.
+fn max_entry(f: &Factor, psd: bool) -> f64 {
+    match f {
+        Factor::Diag(d) => d.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)),
+        Factor::Dense(m) => {
+            let n = m.nrows();
+            let mut out = 0.0f64;
+            for j in 0..n {
+                if psd {
+                    out = out.max(m[(j, j)].abs() as f64);
+                } else {
+                    for i in j..n {
+                        out = out.max(m[(i, j)].abs() as f64);
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Shapes, token ids and finiteness of `obs` for layer `l`.
+fn validate_values<'a>(
     l: &LayerState,
     obs: &Observation<'a>,
     mode: ObserveMode,

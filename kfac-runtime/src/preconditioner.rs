@@ -299,8 +299,12 @@ impl Preconditioner {
     ///
     /// # Errors
     /// [`Error::UnknownLayer`], [`Error::Mismatch`] for an observation of
-    /// another kind or wrong sizes, [`Error::NonFinite`] for NaN/Inf. The state
-    /// is unchanged on error.
+    /// another kind or wrong sizes, [`Error::NonFinite`] for NaN/Inf,
+    /// [`Error::Overflow`] for an observation so large that the f32 factor
+    /// statistics could overflow (an entry bound, computed in f64 from the
+    /// inputs' sums of squares, above `f32::MAX / 4`; its kind is
+    /// [`ErrorKind::NonFinite`](crate::ErrorKind::NonFinite)). The state is
+    /// unchanged on error.
     pub fn observe(&mut self, layer: LayerId, obs: Observation<'_>) -> Result<()> {
         let t0 = Instant::now();
         let mode = self.observe_mode();

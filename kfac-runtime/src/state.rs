@@ -244,6 +244,13 @@ pub(crate) struct Accumulator {
 }
 
 impl Accumulator {
+    /// Forgets what was accumulated (the buffers stay allocated; the next
+    /// observation overwrites them).
+    pub(crate) fn clear(&mut self) {
+        self.count = 0;
+        self.weight = 0.0;
+    }
+
     pub(crate) fn bytes(&self) -> usize {
         self.a.bytes() + self.g.bytes()
     }

@@ -524,38 +524,54 @@ fn conv2d_a_update_impl<T: Real>(
     Ok(())
 }
 
-pub(crate) fn check_image_finite<T: Real>(img: &ImageRef<'_, T>) -> Result<()> {
+pub(crate) fn check_image_finite<T: Real>(img: &ImageRef<'_, T>) -> Result<f64> {
     let [n, c, h, w] = img.dims;
-    let dense_strides = [[c * h * w, h * w, w, 1], [h * w * c, 1, w * c, c]];
-    if n * c * h * w == img.data.len() && dense_strides.contains(&img.strides) {
+    let overflow = Error::SizeOverflow {
+        what: "tensor element count",
+    };
+    let hw = mul(h, w)?;
+    let chw = mul(c, hw)?;
+    let total = mul(n, chw).map_err(|_| overflow)?;
+    let dense_strides = [[chw, hw, w, 1], [chw, 1, mul(w, c)?, c]];
+    if total == img.data.len() && dense_strides.contains(&img.strides) {
         // Dense NCHW or NHWC: the view addresses every element of `data`
         // exactly once, so one linear scan checks exactly the input.
-        return match img.data.iter().position(|v| !v.is_finite_val()) {
-            Some(p) => Err(Error::NonFinite {
-                what: "input tensor (flat index)",
-                row: p,
-                col: 0,
-            }),
-            None => Ok(()),
-        };
+        let (ok, sum_sq) = crate::check::finite_and_sum_sq(img.data);
+        if ok {
+            return Ok(sum_sq);
+        }
+        let p = img
+            .data
+            .iter()
+            .position(|v| !v.is_finite_val())
+            .unwrap_or(0);
+        return Err(Error::NonFinite {
+            what: "input tensor (flat index)",
+            row: p,
+            col: 0,
+        });
     }
     let [sn, sc, sh, sw] = img.strides;
+    let mut sum_sq = 0.0f64;
     for i in 0..n {
         for ch in 0..c {
             for y in 0..h {
                 for x in 0..w {
-                    if !img.data[i * sn + ch * sc + y * sh + x * sw].is_finite_val() {
+                    let v = img.data[i * sn + ch * sc + y * sh + x * sw];
+                    if !v.is_finite_val() {
                         return Err(Error::NonFinite {
                             what: "input tensor (sample, channel)",
                             row: i,
                             col: ch,
                         });
                     }
+                    let v = v.to_f64();
+                    sum_sq += v * v;
                 }
             }
         }
     }
-    Ok(())
+    Ok(sum_sq)
 }
 
 mod patches;
@@ -659,14 +675,16 @@ fn conv2d_g_update_impl<T: Real>(
     let [sn, sc, sh, sw] = grad_out.strides;
     // Rows of positions: flatten (h, w) when the strides allow it, and the
     // whole batch too when they allow that (dense NHWC).
-    let flat_hw = oh == 1 || sh == ow * sw;
-    let flat_nhw = flat_hw && (n == 1 || sn == s * sw);
+    // (Checked products: a strided view may have huge dims and zero
+    // strides.)
+    let flat_hw = oh == 1 || ow.checked_mul(sw) == Some(sh);
+    let flat_nhw = flat_hw && (n == 1 || s.checked_mul(sw) == Some(sn));
     let (outer, cols, col_stride) = if flat_nhw {
-        (1, n * s, sw)
+        (1, mul(n, s)?, sw)
     } else if flat_hw {
         (n, s, sw)
     } else {
-        (n * oh, ow, sw)
+        (mul(n, oh)?, ow, sw)
     };
     for blk in 0..outer {
         let base = if flat_nhw {

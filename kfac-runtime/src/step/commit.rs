@@ -48,8 +48,7 @@ pub(crate) fn run(
             // Non-members drop stale caches (f < 1 saves their memory).
             l.inv = ni;
         }
-        l.acc.count = 0;
-        l.acc.weight = 0.0;
+        l.acc.clear();
     }
     let nuf = nu as f32;
     for (l, (ix, r)) in layers.iter().zip(index.iter().zip(results)) {

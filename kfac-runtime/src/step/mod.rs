@@ -75,7 +75,14 @@ impl Preconditioner {
     /// refused its arguments, or the ranks' configurations differ),
     /// [`Error::RankFailed`](crate::Error::RankFailed) (another rank failed
     /// its part of the step: every rank returns together),
-    /// [`Error::Comm`](crate::Error::Comm). The state and the gradients are unchanged on error.
+    /// [`Error::Comm`](crate::Error::Comm). The state and the gradients are
+    /// unchanged on error, with one exception: when the factor update or an
+    /// inversion fails in a step that updates the factors (on any rank), the
+    /// statistics observed since the last step are discarded (they caused
+    /// it, or would be mixed into every later attempt), the previous
+    /// factors and decompositions stay in use, and the error is
+    /// [`Error::StatisticsDiscarded`](crate::Error::StatisticsDiscarded)
+    /// around the cause; the next step with new observations can succeed.
     pub fn step(&mut self, grads: &mut [LayerGrad<'_>]) -> Result<StepStats> {
         run(self, grads)
     }
@@ -108,14 +115,19 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
         ex.rank(),
     );
 
+    // Set when the factor or inversion phase fails (on this rank or, by the
+    // phase's status round, on another: every rank sees the same).
+    let mut numeric_failure = false;
     let outcome: Result<(Outcome, [Duration; 3])> = (|| {
         let local = validate::gradients(ctx.layers, grads, plan.factor_due);
         let index = ex.agree(local, || distributed::digest(ctx.cfg, ctx.layers))?;
         let (new_factors, t_factor) = timed(&mut ex, |ex| factors::run(&ctx, &plan, ex));
+        numeric_failure = new_factors.is_err();
         let new_factors = new_factors?;
         let (new_inv, t_inv) = timed(&mut ex, |ex| {
             invert::run(&ctx, &plan, &roles, &new_factors, ex)
         });
+        numeric_failure = new_inv.is_err();
         let new_inv = new_inv?;
         let (results, t_prec) = timed(&mut ex, |ex| {
             precondition::run(&ctx, &roles, plan.damping, &new_inv, grads, &index, ex)
@@ -134,7 +146,20 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
         Ok((outcome, [t_factor, t_inv, t_prec + t_clip]))
     })();
     let traffic = ex.traffic;
-    let (outcome, [t_factor, t_inv, t_prec]) = outcome?;
+    let (outcome, [t_factor, t_inv, t_prec]) = match outcome {
+        Ok(o) => o,
+        Err(e) if numeric_failure && plan.factor_due && !matches!(e, crate::Error::Comm(_)) => {
+            // Without this a bad statistic (an overflowing sum across
+            // ranks, an indefinite caller-made statistic) would be mixed
+            // into every later update and the preconditioner would never
+            // recover. Every rank takes this branch together.
+            for l in &mut p.layers {
+                l.acc.clear();
+            }
+            return Err(crate::Error::StatisticsDiscarded { cause: Box::new(e) });
+        }
+        Err(e) => return Err(e),
+    };
     let (vg, nu) = (outcome.vg, outcome.nu);
     commit::run(&mut p.layers, outcome, plan.inv_due, grads);
     if plan.factor_due {
