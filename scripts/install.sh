@@ -10,21 +10,50 @@
 #   or:  find_package(kfac REQUIRED) + target_link_libraries(app kfac::kfac)
 set -euo pipefail
 
+usage() {
+  cat <<'USAGE'
+Usage: scripts/install.sh --prefix DIR [--lib-dir DIR] [--no-build] [--mpi]
+
+Installs libkfac (shared and static), kfac.h, kfac.hpp, kfac-launch, a
+pkg-config file (kfac.pc) and a CMake package config under DIR.
+
+Options:
+  --prefix DIR    where to install (required): DIR/lib, DIR/include, DIR/bin
+  --lib-dir DIR   take the built libraries from DIR
+                  [default: $CARGO_TARGET_DIR/release, else target/release]
+  --no-build      do not run cargo build first (use what --lib-dir holds)
+  --mpi           build with kfac_comm_mpi (needs an MPI library, e.g.
+                  Debian's libopenmpi-dev and libclang-dev)
+  -h, --help      print this help and exit
+
+Then:  cc app.c $(pkg-config --cflags --libs kfac)
+  or:  find_package(kfac REQUIRED) + target_link_libraries(app kfac::kfac)
+USAGE
+}
+
+# The value of option $1, or exit 2 when it is missing.
+need_value() {
+  if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
+    echo "install.sh: $1 needs a value (see --help)" >&2
+    exit 2
+  fi
+}
+
 prefix=""
 lib_dir=""
 build=1
 features=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --prefix) prefix="$2"; shift 2 ;;
-    --lib-dir) lib_dir="$2"; shift 2 ;;
+    --prefix) need_value "$@"; prefix="$2"; shift 2 ;;
+    --lib-dir) need_value "$@"; lib_dir="$2"; shift 2 ;;
     --no-build) build=0; shift ;;
     --mpi) features="--features kfac-ffi/mpi"; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "install.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-[ -n "$prefix" ] || { echo "install.sh: --prefix DIR is required" >&2; exit 2; }
+[ -n "$prefix" ] || { echo "install.sh: --prefix DIR is required (see --help)" >&2; exit 2; }
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 if [ -z "$lib_dir" ]; then

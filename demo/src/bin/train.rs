@@ -66,7 +66,11 @@
 
 use std::error::Error;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
+
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, ValueEnum};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kfac_demo::{
@@ -75,17 +79,59 @@ use kfac_demo::{
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-/// Command-line options.
+/// Trains the same network with SGD + momentum, Adam and K-FAC on the
+/// embedded UCI digits data and compares them (table and SVG plot).
+#[derive(Parser, Debug)]
+#[command(
+    name = "train",
+    version,
+    about,
+    after_help = "Examples:\n  cargo run --release -p kfac-demo\n  cargo run --release -p kfac-demo -- --task autoencoder --workers 2\n  mpirun -np 2 target/release/train --comm mpi   (built with --features mpi)"
+)]
 struct Args {
-    task: Task,
-    epochs: Option<usize>,
+    /// What to train.
+    #[arg(long, value_enum, default_value_t = TaskArg::Classify)]
+    task: TaskArg,
+    /// Epochs per optimizer [default: 20 for classify, 30 for autoencoder].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    epochs: Option<u64>,
+    /// Seed of the initial weights, the train/test split and the minibatch
+    /// order.
+    #[arg(long, value_name = "S", default_value_t = 0)]
     seed: u64,
-    workers: usize,
+    /// Also run K-FAC split across P processes on this machine (shared
+    /// memory), next to the single-process run.
+    #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    workers: u64,
+    /// What carries the collectives: shm (with --workers), or mpi / hier
+    /// when this process is one rank started by mpirun (needs a build with
+    /// `--features mpi`).
+    #[arg(long, value_enum, default_value_t = CommKind::Shm)]
     comm: CommKind,
 }
 
+/// `--task` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TaskArg {
+    /// 10-class classification, target 95% test accuracy.
+    #[value(alias = "classification")]
+    Classify,
+    /// 64-48-32-16-32-48-64 autoencoder, target reconstruction error 1.0.
+    #[value(alias = "ae")]
+    Autoencoder,
+}
+
+impl From<TaskArg> for Task {
+    fn from(t: TaskArg) -> Task {
+        match t {
+            TaskArg::Classify => Task::Classify,
+            TaskArg::Autoencoder => Task::Autoencoder,
+        }
+    }
+}
+
 /// What carries the collectives of a distributed run.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum CommKind {
     /// `--workers P` processes started here, over shared memory.
     Shm,
@@ -95,64 +141,19 @@ enum CommKind {
     Hier,
 }
 
-const USAGE: &str = "usage: train [--task classify|autoencoder] [--epochs N] [--seed S] [--workers P] [--comm shm|mpi|hier]";
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        task: Task::Classify,
-        epochs: None,
-        seed: 0,
-        workers: 1,
-        comm: CommKind::Shm,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value\n{USAGE}"));
-        match a.as_str() {
-            "--task" => args.task = value("--task")?.parse()?,
-            "--epochs" => {
-                args.epochs = Some(
-                    value("--epochs")?
-                        .parse()
-                        .map_err(|e| format!("--epochs: {e}"))?,
-                )
-            }
-            "--seed" => {
-                args.seed = value("--seed")?
-                    .parse()
-                    .map_err(|e| format!("--seed: {e}"))?
-            }
-            "--workers" => {
-                args.workers = value("--workers")?
-                    .parse()
-                    .map_err(|e| format!("--workers: {e}"))?;
-                if !(1..=64).contains(&args.workers) {
-                    return Err(format!("--workers must be in 1..=64\n{USAGE}"));
-                }
-            }
-            "--comm" => {
-                args.comm = match value("--comm")?.as_str() {
-                    "shm" => CommKind::Shm,
-                    "mpi" => CommKind::Mpi,
-                    "hier" => CommKind::Hier,
-                    other => {
-                        return Err(format!(
-                            "--comm must be shm, mpi or hier, not '{other}'\n{USAGE}"
-                        ))
-                    }
-                };
-                if args.comm != CommKind::Shm && !cfg!(feature = "mpi") {
-                    return Err("--comm mpi|hier needs MPI support: build with `cargo build --release -p kfac-demo --features mpi` (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev) and start it with mpirun".into());
-                }
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
-        }
+/// Parses the command line: `--help` / `--version` print and exit 0, a bad
+/// argument prints clap's message and exits 2.
+fn parse_args() -> Args {
+    let args = Args::parse();
+    if args.comm != CommKind::Shm && !cfg!(feature = "mpi") {
+        Args::command()
+            .error(
+                ErrorKind::ArgumentConflict,
+                "--comm mpi|hier needs MPI support: build with `cargo build --release -p kfac-demo --features mpi` (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev) and start it with mpirun",
+            )
+            .exit();
     }
-    Ok(args)
+    args
 }
 
 /// The tuned optimizers of a task (see the module docs for how).
@@ -216,13 +217,26 @@ fn color(name: &str) -> RGBColor {
     }
 }
 
-fn main() -> Result<(), Box<dyn Error>> {
-    let args = parse_args()?;
-    let task = args.task;
-    let epochs = args.epochs.unwrap_or(match task {
-        Task::Classify => 20,
-        Task::Autoencoder => 30,
-    });
+fn main() -> ExitCode {
+    let args = parse_args();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("train: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), Box<dyn Error>> {
+    let task = Task::from(args.task);
+    let epochs = args.epochs.map_or(
+        match task {
+            Task::Classify => 20,
+            Task::Autoencoder => 30,
+        },
+        |e| e as usize,
+    );
     let target = target(task);
     let opts = optimizers(task);
     let wall = Instant::now();
@@ -259,7 +273,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         if let Some(k) = runs.iter().find(|r| r.last().kfac_times.is_some()) {
             println!("{}", stage_row(1, k, target));
         }
-        launch_workers(args.workers)?;
+        launch_workers(args.workers as usize)?;
     }
     println!("wall time: {:.2} s", wall.elapsed().as_secs_f64());
     Ok(())
@@ -348,11 +362,11 @@ fn worker(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Erro
     use kfac_runtime::comm::Communicator;
     let group = ShmGroup::from_env(ShmOptions::default())?;
     let (rank, world) = (group.rank(), group.size());
-    let opt = optimizers(args.task)
+    let opt = optimizers(args.task.into())
         .into_iter()
         .find(|o| matches!(o, Optimizer::Kfac(_)))
         .ok_or("no K-FAC configuration")?;
-    let mut cfg = TrainConfig::new(args.task, opt);
+    let mut cfg = TrainConfig::new(args.task.into(), opt);
     cfg.epochs = epochs;
     cfg.seed = args.seed;
     let run = kfac_demo::train_distributed(&cfg, Box::new(group), |_| {})?;
@@ -376,11 +390,11 @@ fn mpi_rank(args: &Args, epochs: usize, target: Target) -> Result<(), Box<dyn Er
         _ => Box::new(MpiComm::world(MpiOptions::default())?),
     };
     let (rank, world) = (comm.rank(), comm.size());
-    let opt = optimizers(args.task)
+    let opt = optimizers(args.task.into())
         .into_iter()
         .find(|o| matches!(o, Optimizer::Kfac(_)))
         .ok_or("no K-FAC configuration")?;
-    let mut cfg = TrainConfig::new(args.task, opt);
+    let mut cfg = TrainConfig::new(args.task.into(), opt);
     cfg.epochs = epochs;
     cfg.seed = args.seed;
     match kfac_demo::train_distributed(&cfg, comm, |_| {}) {
