@@ -241,10 +241,10 @@ fn run(args: &Args) -> Result<(), Box<dyn Error>> {
     let opts = optimizers(task);
     let wall = Instant::now();
     if std::env::var_os(WORKER_ENV).is_some() {
-        return worker(&args, epochs, target);
+        return worker(args, epochs, target);
     }
     if args.comm != CommKind::Shm {
-        return mpi_rank(&args, epochs, target);
+        return mpi_rank(args, epochs, target);
     }
 
     let bar = ProgressBar::new((opts.len() * epochs) as u64);
