@@ -341,6 +341,28 @@ fn nan_activations_are_kfac_err_non_finite() {
     free(p);
 }
 
+/// #11 item 4: a finite activation of 1e30 (its square overflows f32) is
+/// refused at observe, and the handle keeps stepping through and past the
+/// next inverse updates (before, every step failed from the next inverse
+/// update on).
+#[test]
+fn overflowing_finite_activations_are_refused_at_observe() {
+    let p = with_linear();
+    for s in 0..25u32 {
+        let (mut a, g) = batch(s);
+        if s % 3 == 0 {
+            let good = a.clone();
+            a[4] = 1e30;
+            expect(observe(p, &a, &g), KFAC_ERR_NON_FINITE);
+            assert!(last_error().contains("overflow"), "{}", last_error());
+            a = good;
+        }
+        expect(observe(p, &a, &g), KFAC_OK);
+        expect(step(p, 0), KFAC_OK);
+    }
+    free(p);
+}
+
 #[test]
 fn calls_out_of_order_are_kfac_err_state() {
     let p = with_linear();
