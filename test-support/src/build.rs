@@ -79,7 +79,10 @@ pub fn cargo_build(target_dir: Option<&Path>, args: &[&str]) -> PathBuf {
 pub fn libkfac() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = cargo_build(None, &["-p", "kfac-ffi", "--lib"]);
+        // kfac-runtime is selected too so that its features (the default
+        // `cli`, which kfac-capi does not ask for) are those of the
+        // workspace test build, whose compiled crates are then reused.
+        let dir = cargo_build(None, &["-p", "kfac-ffi", "-p", "kfac-runtime", "--lib"]);
         check_libkfac(&dir);
         dir
     })
