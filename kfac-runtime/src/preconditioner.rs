@@ -319,20 +319,24 @@ impl Preconditioner {
     }
 
     /// [`observe`](Self::observe) for several layers at once, in parallel on
-    /// the pool. All observations are validated first; on error nothing is
-    /// recorded.
+    /// the pool. All observations are validated first (in parallel too);
+    /// on error nothing is recorded. Unknown ids and a layer listed twice
+    /// are reported first, then the first observation in `obs`'s order
+    /// that fails validation.
     ///
     /// # Errors
     /// As [`observe`](Self::observe); also a layer listed twice.
     pub fn observe_all(&mut self, obs: &[(LayerId, Observation<'_>)]) -> Result<()> {
         let t0 = Instant::now();
         let mode = self.observe_mode();
-        let mut slot: Vec<Option<Checked<'_>>> = vec![None; self.layers.len()];
-        for (id, o) in obs {
-            let n = self.layers.len();
+        // Which observation each layer gets (ids and duplicates, serially:
+        // cheap), then the NaN/Inf scans in parallel, then the statistics.
+        let nl = self.layers.len();
+        let mut slot: Vec<Option<usize>> = vec![None; nl];
+        for (k, (id, _)) in obs.iter().enumerate() {
             let s = slot.get_mut(id.0).ok_or(Error::UnknownLayer {
                 id: id.0,
-                registered: n,
+                registered: nl,
             })?;
             if s.is_some() {
                 return Err(Error::mismatch(
@@ -340,14 +344,22 @@ impl Preconditioner {
                     "observed twice in one observe_all".into(),
                 ));
             }
-            *s = Some(validate_observation(&self.layers[id.0], o, mode)?);
+            *s = Some(k);
         }
+        let layers = &self.layers;
+        let checked: Vec<Result<Checked<'_>>> = self.pool.install(|| {
+            obs.par_iter()
+                .map(|(id, o)| validate_observation(&layers[id.0], o, mode))
+                .collect()
+        });
+        // The first error in the caller's order, whatever finished first.
+        let checked: Vec<Checked<'_>> = checked.into_iter().collect::<Result<_>>()?;
         self.pool.install(|| {
             self.layers
                 .par_iter_mut()
                 .zip(slot.par_iter())
-                .try_for_each(|(l, o)| match o {
-                    Some(o) => accumulate(l, *o, mode),
+                .try_for_each(|(l, k)| match k {
+                    Some(k) => accumulate(l, checked[*k], mode),
                     None => Ok(()),
                 })
         })?;

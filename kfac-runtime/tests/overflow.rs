@@ -280,3 +280,79 @@ fn a_failed_inversion_keeps_the_previous_decomposition_and_recovers() {
         }
     }
 }
+
+/// `observe_all` validates in parallel but reports the first bad
+/// observation in the caller's order, and records nothing when any fails
+/// (overflow included): the next step equals a twin's that never saw the
+/// call.
+#[test]
+fn observe_all_reports_the_first_bad_observation_and_records_nothing() {
+    let two = |p: &mut Preconditioner| {
+        let a = linear(p);
+        let b = p
+            .register(
+                "fc2",
+                LayerKind::Linear {
+                    in_features: IN,
+                    out_features: OUT,
+                    bias: true,
+                },
+            )
+            .unwrap();
+        (a, b)
+    };
+    let mut p = Preconditioner::new(Config {
+        threads: 2,
+        ..config()
+    })
+    .unwrap();
+    let mut twin = Preconditioner::new(Config {
+        threads: 2,
+        ..config()
+    })
+    .unwrap();
+    let (a, b) = two(&mut p);
+    let (ta, tb) = two(&mut twin);
+    let (x, g) = batch(3);
+    let (mut nan, mut big) = (x.clone(), x.clone());
+    nan[1] = f32::NAN;
+    big[2] = 1e25;
+    let lin = |x: &'static [f32], g: &'static [f32]| Observation::Linear {
+        activations: MatRef::from_row_major_slice(x, N, IN),
+        output_grads: MatRef::from_row_major_slice(g, N, OUT),
+    };
+    let leak = |v: Vec<f32>| -> &'static [f32] { Box::leak(v.into_boxed_slice()) };
+    let (x, g, nan, big) = (leak(x), leak(g), leak(nan), leak(big));
+    // NaN first, overflow second: the NaN is reported, in any thread order.
+    for _ in 0..20 {
+        let e = p
+            .observe_all(&[(a, lin(nan, g)), (b, lin(big, g))])
+            .unwrap_err();
+        assert!(matches!(e, Error::Kernel { .. }), "{e:?}");
+        let e = p
+            .observe_all(&[(b, lin(big, g)), (a, lin(nan, g))])
+            .unwrap_err();
+        assert!(matches!(e, Error::Overflow { .. }), "{e:?}");
+        // One good and one bad: the good one is not recorded either.
+        let e = p
+            .observe_all(&[(a, lin(x, g)), (b, lin(big, g))])
+            .unwrap_err();
+        assert!(matches!(e, Error::Overflow { .. }), "{e:?}");
+    }
+    for (pp, ids) in [(&mut p, (a, b)), (&mut twin, (ta, tb))] {
+        pp.observe_all(&[(ids.0, lin(x, g)), (ids.1, lin(x, g))])
+            .unwrap();
+    }
+    let w = |p: &mut Preconditioner, ids: (LayerId, LayerId)| {
+        let mut w1: Vec<f32> = (0..OUT * IN).map(|k| k as f32 * 0.01).collect();
+        let mut w2 = w1.clone();
+        let (mut b1, mut b2) = (vec![0.5f32; OUT], vec![-0.5f32; OUT]);
+        p.step(&mut [
+            LayerGrad::from_row_major(ids.0, &mut w1, OUT, IN, Some(&mut b1)).unwrap(),
+            LayerGrad::from_row_major(ids.1, &mut w2, OUT, IN, Some(&mut b2)).unwrap(),
+        ])
+        .unwrap();
+        (bits(&w1), bits(&w2), bits(&b1), bits(&b2))
+    };
+    assert_eq!(w(&mut p, (a, b)), w(&mut twin, (ta, tb)));
+}
