@@ -1,8 +1,11 @@
 //! Phase "invert": when an inversion is due, each factor is decomposed
 //! (eigen method) or inverted (inverse method) by its owner only, all
-//! owners in parallel; after a status round the results go to the members
+//! owners in parallel, and within an owner largest factor first on the
+//! pool's threads (LPT); after a status round the results go to the members
 //! of each layer's gradient-worker group, which assemble the layer's
 //! inverse cache (with the precomputed denominators when configured).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::state::Scratch;
 use faer::{Mat, Par};
@@ -67,34 +70,56 @@ pub(crate) fn run(
                 }
             })
             .collect::<Result<_>>()?;
-        let tasks: Vec<usize> = (0..2 * nl)
+        let mut tasks: Vec<usize> = (0..2 * nl)
             .filter(|&t| !layers[t / 2].excluded && roles.owns(t))
             .collect();
+        // Largest first (LPT list scheduling, within 4/3 of the optimal
+        // makespan): in registration order the largest factors (a
+        // network's last layers) came last and finished alone. Stable, so
+        // equal sizes keep their order.
+        tasks.sort_by_key(|&t| std::cmp::Reverse(factor_dim(factor_of(t))));
         let threads = ctx.pool.current_num_threads();
-        let mine: Vec<(usize, FactorInv)> = ctx.pool.install(|| {
-            tasks
-                .par_iter()
-                .map(|&t| {
-                    let li = t / 2;
-                    let shift = if t % 2 == 0 {
-                        shifts[li].0
-                    } else {
-                        shifts[li].1
-                    };
-                    let th = if tasks.len() == 1 { threads } else { 1 };
-                    // One scratch per pool thread (index 0 also serves a
-                    // caller outside the pool). A task holds its thread's
-                    // scratch while it runs; it may use the pool itself
-                    // (`th > 1`) only when it is the only task, so no other
-                    // inversion can be stolen onto this thread and wait for
-                    // the same scratch.
-                    let slot = rayon::current_thread_index().map_or(0, |i| i + 1);
-                    let scratch = &ctx.inv_scratch[slot.min(ctx.inv_scratch.len() - 1)];
-                    invert_one(&layers[li].name, factor_of(t), cfg, shift, th, scratch)
-                        .map(|r| (t, r))
+        let workers = threads.min(tasks.len());
+        let next = AtomicUsize::new(0);
+        let done: Vec<Vec<(usize, Result<FactorInv>)>> = ctx.pool.install(|| {
+            (0..workers)
+                .into_par_iter()
+                .map(|w| {
+                    // Worker `w` takes the next task in LPT order until none
+                    // is left, with scratch `w`: keyed by worker, not by
+                    // thread, so a thread that runs two workers (one
+                    // stolen while the other waits inside a parallel
+                    // solver) never shares a buffer.
+                    let scratch = &ctx.inv_scratch[w.min(ctx.inv_scratch.len() - 1)];
+                    let mut out = Vec::new();
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&t) = tasks.get(k) else {
+                            break;
+                        };
+                        let li = t / 2;
+                        let shift = if t % 2 == 0 {
+                            shifts[li].0
+                        } else {
+                            shifts[li].1
+                        };
+                        // A lone factor gets every thread.
+                        let th = if tasks.len() == 1 { threads } else { 1 };
+                        let r = invert_one(&layers[li].name, factor_of(t), cfg, shift, th, scratch);
+                        out.push((t, r));
+                    }
+                    out
                 })
-                .collect::<Result<Vec<_>>>()
-        })?;
+                .collect()
+        });
+        // The error of the first failing factor in layer order, whichever
+        // worker met it first.
+        let mut mine: Vec<(usize, Result<FactorInv>)> = done.into_iter().flatten().collect();
+        mine.sort_by_key(|(t, _)| *t);
+        let mine: Vec<(usize, FactorInv)> = mine
+            .into_iter()
+            .map(|(t, r)| r.map(|r| (t, r)))
+            .collect::<Result<_>>()?;
         let mut results: Vec<Option<FactorInv>> = (0..2 * nl).map(|_| None).collect();
         for (t, r) in mine {
             results[t] = Some(r);
@@ -177,6 +202,15 @@ fn eig(
                 l.into_iter().map(|v| v as f32).collect(),
             ))
         }
+    }
+}
+
+/// The order of a factor (its cost grows as its cube; a diagonal factor
+/// costs next to nothing).
+fn factor_dim(f: &Factor) -> usize {
+    match f {
+        Factor::Dense(m) => m.nrows(),
+        Factor::Diag(_) => 0,
     }
 }
 
