@@ -49,3 +49,39 @@ pub fn assert_ran(stdout: &str, role: &str, count: usize) {
          passing run(s):\n{stdout}"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::assert_ran;
+
+    const RAN: &str = "running 1 test\ntest worker_entry ... kfac-test-worker dist done\nok\n\n\
+                       test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out\n";
+
+    #[test]
+    fn a_worker_that_ran_and_passed_is_accepted() {
+        assert_ran(RAN, "dist", 1);
+        let two = format!("[rank 0] {}", RAN.replace('\n', "\n[rank 0] "))
+            + &format!("[rank 1] {}", RAN.replace('\n', "\n[rank 1] "));
+        assert_ran(&two, "dist", 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "expected 1 worker")]
+    fn a_filtered_out_worker_is_refused() {
+        assert_ran(
+            "running 0 tests\n\ntest result: ok. 0 passed; 0 failed; 1 ignored\n",
+            "dist",
+            1,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "expected 1 worker")]
+    fn a_worker_that_returned_early_is_refused() {
+        assert_ran(
+            "running 1 test\ntest worker_entry ... ok\n\ntest result: ok. 1 passed; 0 failed\n",
+            "dist",
+            1,
+        );
+    }
+}
