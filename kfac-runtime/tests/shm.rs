@@ -499,11 +499,11 @@ fn two_jobs_started_at_once_with_one_group_name_never_mix() {
             }
         }
     }
-    // one job always wins the name; both of its ranks join
-    assert!(
-        joined == ["job-a", "job-a"] || joined == ["job-b", "job-b"],
-        "{joined:?}"
-    );
+    // One job always wins the name and both of its ranks join (the other
+    // may too, after the winner unlinked the name); never one rank alone.
+    let count = |job| joined.iter().filter(|&&j| j == job).count();
+    let (a, b) = (count("job-a"), count("job-b"));
+    assert!(a + b >= 2 && a != 1 && b != 1, "{joined:?}");
     assert!(
         t0.elapsed() < Duration::from_secs(40),
         "took {:?}",
