@@ -21,45 +21,41 @@
 //!
 //! A header that does not match (another program's segment, another layout
 //! version, another world size) is refused with a clear error. The segment
-//! is unlinked by rank 0 as soon as every rank has attached (or when the
-//! join fails), so no crash after start-up can leave it behind. A segment
-//! left by a creator killed while waiting for its peers is removed and
-//! recreated by the next job of that name, and ranks of two jobs sharing a
-//! group name refuse each other by job id (see Set-up).
+//! is unlinked by rank 0 once every rank has attached (or when the join
+//! fails), so no crash after start-up can leave it behind.
 //!
 //! # Set-up
 //!
-//! Only rank 0 creates (`O_CREAT | O_EXCL`); it writes its pid and start
-//! time (field 22 of `/proc/<pid>/stat`) and its job id into the header
-//! before publishing `magic` (Release). The job id is `KFAC_JOB_ID`
-//! (`kfac-launch` sets a fresh one; set it by hand to the same value on
-//! every rank of a job) or the one given to [`ShmGroup::join_job`].
+//! Only rank 0 creates (`O_CREAT | O_EXCL`); it records its pid, start time
+//! (field 22 of `/proc/<pid>/stat`) and job id in the header before
+//! publishing `magic` (Release). The job id is `KFAC_JOB_ID` (`kfac-launch`
+//! sets a fresh one; by hand: the same on every rank of a job) or the one
+//! given to [`ShmGroup::join_job`].
 //!
-//! When the name exists, rank 0 maps the existing segment. If its creator
-//! is dead (pid gone, a zombie, or another start time) it is *stale*: rank
-//! 0 claims it with a compare-exchange of the header's `reaper` word (0 or
-//! a dead reaper -> itself), and only the winner `shm_unlink`s the name;
-//! everybody then retries the exclusive create. Two rank 0s racing over one
-//! stale segment cannot both remove it, and none can remove a new one: a
-//! segment is unlinked only by its live creator or by the winner of the
-//! claim on that very segment (whose creator is dead, so nobody else
-//! unlinks that name in between). The loser's exclusive create fails
-//! against the winner's new segment, which is live: "in use". A segment
-//! still without a creator (rank 0 killed between create and its first
-//! header write) counts as stale once 10 s old.
+//! When the name exists and its creator is dead (pid gone, a zombie, or
+//! another start time), the segment is *stale*: rank 0 claims it by a
+//! compare-exchange of the header's `reaper` word (0 or a dead reaper ->
+//! itself), only the winner `shm_unlink`s the name, and everybody retries
+//! the exclusive create. So two rank 0s cannot both remove one stale
+//! segment, and none removes a new one: a name is unlinked only by its
+//! live creator or by the claim's winner on that very segment (its creator
+//! is dead, so nobody else unlinks it in between; a claimant taking over
+//! from a dead reaper first checks by inode that the name still refers to
+//! it). The loser's create then fails against the winner's live segment
+//! ("in use"). A segment without a recorded creator (rank 0 killed between
+//! its create and its first header write) is stale once 10 s old.
 //!
-//! Attaching ranks wait (until their timeout) while the segment's creator
-//! is dead, so they never join a stale segment; on a live one they compare
-//! job ids, and a different id (or one side without any) fails at join
-//! naming both. Ranks started by hand without `KFAC_JOB_ID` all carry "no
-//! job id": two such jobs started at once with the same group name and
-//! world size can then form one mixed group, so give concurrent jobs
-//! distinct group names or job ids.
+//! Attaching ranks wait (until their timeout) while the creator is dead, so
+//! they never join a stale segment; on a live one a different job id (or
+//! one side without any) fails at join, naming both. Ranks started by hand
+//! without `KFAC_JOB_ID` all carry "no job id": two such jobs started at
+//! once with the same group name and world size can form one mixed group;
+//! give concurrent jobs distinct group names or job ids.
 //!
-//! A rank killed while waiting for its peers (SIGKILL, or SIGTERM/SIGINT
-//! with the default action: no signal handler is installed) leaves the
-//! name behind; `kfac-launch` removes it after the ranks exit, and
-//! otherwise the next job of that name replaces it as above.
+//! A rank 0 killed while waiting for its peers (SIGKILL, or SIGTERM/SIGINT
+//! with their default action: no handler is installed) leaves the name
+//! behind: `kfac-launch` removes it after the ranks exit, and otherwise
+//! the next job of that name replaces it as above.
 //!
 //! # Protocol
 //!

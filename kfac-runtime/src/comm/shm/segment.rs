@@ -1,7 +1,8 @@
 //! Setting up a shared-memory group: the segment's name, creation,
 //! attachment and validation (magic, version, world size, readiness,
-//! creator liveness), mapping and unmapping, and peer liveness from
-//! `/proc`. The collectives that run over a joined group are in the parent
+//! creator liveness, job id), the removal of stale segments (the protocol
+//! is in the parent module's docs, Set-up), mapping and unmapping, and
+//! peer liveness from `/proc`. The collectives that run over a joined group are in the parent
 //! module.
 
 use std::ffi::CString;
