@@ -332,6 +332,45 @@ fn stale_segment_of_a_dead_creator_is_replaced_by_the_next_group() {
 }
 
 #[test]
+fn two_jobs_racing_over_a_stale_segment_never_mix_and_leave_nothing() {
+    for round in 0..3 {
+        let g = unique(&format!("race{round}"));
+        write_segment(&g, kfac_runtime::comm::shm::MAGIC, 2, 2, dead_pid());
+        let hs: Vec<_> = [
+            (0, "a", 1.0),
+            (0, "b", 100.0),
+            (1, "a", 1.0),
+            (1, "b", 100.0),
+        ]
+        .into_iter()
+        .map(|(rank, job, tag)| {
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let mut grp = ShmGroup::join_job(&g, rank, 2, Some(job), opts(4096, 3000))?;
+                let mut v = [tag];
+                grp.allreduce_f64(&mut v)?;
+                Ok::<(&str, f64, f64), CommError>((job, tag, v[0]))
+            })
+        })
+        .collect();
+        let mut joined = Vec::new();
+        for h in hs {
+            if let Ok((job, tag, sum)) = h.join().unwrap() {
+                assert_eq!(sum, 2.0 * tag, "round {round}: job {job} in a mixed group");
+                joined.push(job);
+            }
+        }
+        let count = |job| joined.iter().filter(|&&j| j == job).count();
+        let (a, b) = (count("a"), count("b"));
+        assert!(a + b >= 2 && a != 1 && b != 1, "round {round}: {joined:?}");
+        assert!(
+            !segment_exists(&g),
+            "round {round}: segment left in /dev/shm"
+        );
+    }
+}
+
+#[test]
 fn job_ids_are_checked_at_join_and_validated() {
     let g = unique("jobid");
     let g0 = g.clone();
