@@ -11,14 +11,16 @@ use common::dist::{compare_with_single_process, config, fnv, run, N};
 use kfac_runtime::comm::shm::{ShmGroup, ShmOptions};
 use kfac_runtime::comm::Communicator;
 use kfac_runtime::{Error, LayerKind, Preconditioner};
+use kfac_test_support::worker;
 
 const LAUNCH: &str = env!("CARGO_BIN_EXE_kfac-launch");
 
+/// One rank of the tests below (run by them under `kfac-launch`, never on
+/// its own).
 #[test]
+#[ignore = "worker entry: run by its parent test"]
 fn worker_entry() {
-    let Ok(role) = std::env::var("KFAC_TEST_ROLE") else {
-        return;
-    };
+    let role = worker::role("KFAC_TEST_ROLE");
     let g = ShmGroup::from_env(ShmOptions {
         timeout: Duration::from_secs(20),
         slot_bytes: 4096,
@@ -75,6 +77,7 @@ fn worker_entry() {
         "bytes" => bytes_moved(p, rank, world),
         other => panic!("unknown role {other}"),
     }
+    worker::done(&role);
 }
 
 /// One step of a 1-layer Kronecker model whose A statistic is `a_diag`
@@ -225,13 +228,7 @@ fn launch(n: usize, role: &str, env: &[(&str, &str)]) -> String {
     let mut c = Command::new(LAUNCH);
     c.args(["-n", &n.to_string(), "--timeout", "120", "--"])
         .arg(std::env::current_exe().unwrap())
-        .args([
-            "worker_entry",
-            "--exact",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
+        .args(worker::args("worker_entry"))
         .env("KFAC_TEST_ROLE", role);
     for (k, v) in env {
         c.env(k, v);
@@ -244,6 +241,7 @@ fn launch(n: usize, role: &str, env: &[(&str, &str)]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout.matches(&format!("{role} ok")).count(), n, "{stdout}");
+    worker::assert_ran(&stdout, role, n);
     stdout
 }
 

@@ -283,13 +283,14 @@ fn background_process_holding_stdout_does_not_keep_the_launcher() {
 }
 
 /// Rank program for `segment_is_removed_when_a_rank_fails_before_attaching`
-/// (a no-op in a normal test run): rank 1 waits until rank 0 has created
-/// the segment, then exits 1; rank 0 waits to join (killed by the launcher).
+/// (run by it, never on its own; it checks that each rank printed its
+/// group): rank 1 waits until rank 0 has created the segment, then exits
+/// 1; rank 0 waits to join (killed by the launcher).
 #[test]
+#[ignore = "worker entry: run by its parent test"]
 fn rank_entry() {
-    if std::env::var("KFAC_LAUNCHER_TEST_ROLE").as_deref() != Ok("join_or_fail") {
-        return;
-    }
+    let role = kfac_test_support::worker::role("KFAC_LAUNCHER_TEST_ROLE");
+    assert_eq!(role, "join_or_fail", "unknown role");
     let group = std::env::var("KFAC_GROUP").unwrap();
     println!("group={group}");
     if std::env::var("KFAC_RANK").as_deref() == Ok("1") {
@@ -314,13 +315,7 @@ fn segment_is_removed_when_a_rank_fails_before_attaching() {
         let mut child = Command::new(LAUNCH)
             .args(["-n", "2", "--"])
             .arg(&me)
-            .args([
-                "rank_entry",
-                "--exact",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
+            .args(kfac_test_support::worker::args("rank_entry"))
             .env("KFAC_LAUNCHER_TEST_ROLE", "join_or_fail")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -349,6 +344,9 @@ fn segment_is_removed_when_a_rank_fails_before_attaching() {
             .iter()
             .find_map(|l| l.split_once("group=").map(|(_, g)| g.trim().to_string()))
             .expect("the ranks print their group");
+        // both ranks ran the worker (rank 1 exits only after rank 0 printed)
+        let printed = lines.iter().filter(|l| l.contains("group=")).count();
+        assert_eq!(printed, 2, "run {run}: {lines:?}");
         let leaked = shm::segment_exists(&group);
         if leaked {
             let _ = shm::remove_segment(&group);

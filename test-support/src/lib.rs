@@ -10,6 +10,8 @@
 //!   binaries, in the running test's target directory and profile.
 //! * [`ranks`]: a program as N ranks under `kfac-launch` or `mpirun`, with
 //!   a deadline after which the whole job is killed.
+//! * [`worker`]: a test binary re-run as worker processes, through an
+//!   ignored test that the parent checks really ran.
 //!
 //! What must not live here: anything that links a kfac crate (this crate
 //! depends on std and libc only, so that any crate of the workspace can
@@ -19,6 +21,7 @@
 pub mod build;
 pub mod ranks;
 pub mod tools;
+pub mod worker;
 
 pub use build::{
     built, cargo_build, kfac_launch, libkfac, libkfac_mpi, profile_dir, workspace_root,

@@ -96,7 +96,9 @@ pub unsafe extern "C" fn kfac_comm_local(out: *mut *mut KfacComm) -> KfacStatus 
 /// Joins the shared-memory group of this process's environment
 /// (`KFAC_RANK`, `KFAC_WORLD_SIZE`, `KFAC_GROUP` as set by `kfac-launch`, or
 /// `RANK`/`WORLD_SIZE`, Open MPI's or MPICH's variables), waiting at most
-/// `timeout_ms` for every wait. Blocks until every rank has joined.
+/// `timeout_ms` for every wait. Blocks until every rank has joined. The job
+/// id `KFAC_JOB_ID` (set by `kfac-launch`) is checked at join: a rank of
+/// another job using the same group name is refused (`KFAC_ERR_COMM`).
 ///
 /// # Safety
 /// As `kfac_comm_local`.

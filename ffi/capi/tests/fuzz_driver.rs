@@ -19,19 +19,86 @@ proptest! {
     }
 }
 
+/// The saved cases of `dir`: every regular file except the README (`.md`)
+/// and hidden files. An error when the directory cannot be read.
+fn saved_cases(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut cases = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !name.starts_with('.') && !name.ends_with(".md") {
+            cases.push(path);
+        }
+    }
+    cases.sort();
+    Ok(cases)
+}
+
+/// Replays every saved case of `dir`; the number replayed. Refuses a
+/// missing directory and one without any case, so that a lost corpus
+/// cannot pass as "every case replayed cleanly".
+fn replay_saved(dir: &std::path::Path) -> Result<usize, String> {
+    let cases = saved_cases(dir)?;
+    if cases.is_empty() {
+        return Err(format!("{} holds no saved case", dir.display()));
+    }
+    let mut replayed = 0;
+    for path in &cases {
+        let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let summary = driver::run(&data);
+        if summary.calls == 0 {
+            return Err(format!("{} decodes to no call", path.display()));
+        }
+        replayed += 1;
+    }
+    Ok(replayed)
+}
+
 #[test]
 fn saved_fuzz_regressions_replay_cleanly() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/regressions");
-    let mut n = 0;
-    for entry in std::fs::read_dir(dir).expect("fuzz/regressions exists") {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "md") {
-            continue;
-        }
-        let _ = driver::run(&std::fs::read(&path).unwrap());
-        n += 1;
-    }
-    eprintln!("replayed {n} saved inputs");
+    let dir = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fuzz/regressions"
+    ));
+    // counted independently of `saved_cases`: names starting with "crash-",
+    // "leak-", "timeout-" or "oom-" (what cargo-fuzz saves)
+    let present = std::fs::read_dir(dir)
+        .expect("fuzz/regressions exists")
+        .filter(|e| {
+            let n = e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            ["crash-", "leak-", "timeout-", "oom-"]
+                .iter()
+                .any(|p| n.starts_with(p))
+        })
+        .count();
+    let replayed = replay_saved(dir).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("replayed {replayed} saved inputs");
+    assert!(present >= 1, "no saved crash in {}", dir.display());
+    assert_eq!(replayed, present, "every saved case is replayed");
+}
+
+#[test]
+fn replay_refuses_a_missing_or_empty_corpus() {
+    let dir = std::env::temp_dir().join(format!("kfac-fuzz-corpus-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(replay_saved(&dir).is_err(), "a missing directory");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("README.md"), "only a readme").unwrap();
+    std::fs::write(dir.join(".hidden"), [1u8, 2, 3]).unwrap();
+    let e = replay_saved(&dir).unwrap_err();
+    assert!(e.contains("no saved case"), "{e}");
+    std::fs::write(dir.join("crash-empty"), []).unwrap();
+    let e = replay_saved(&dir).unwrap_err();
+    assert!(e.contains("no call"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The random inputs above reach deep states, not just early errors: over

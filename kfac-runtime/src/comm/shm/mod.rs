@@ -11,7 +11,8 @@
 //! ```text
 //! [ header: magic, layout version, world size, slot size, generation,
 //!           ready flag, attach count, doorbell (futex word), sleepers,
-//!           abort flag and blamed rank                      ] 128 bytes
+//!           abort flag and blamed rank, creator pid and start time,
+//!           reaper, job id                                  ] 256 bytes
 //! [ per rank, 128-byte aligned: pid, start time, heartbeat,
 //!   published sequence, consumed sequence, op descriptor   ] world x 128
 //! [ padding to 4096                                         ]
@@ -20,8 +21,41 @@
 //!
 //! A header that does not match (another program's segment, another layout
 //! version, another world size) is refused with a clear error. The segment
-//! is unlinked by rank 0 as soon as every rank has attached, so no crash
-//! after start-up can leave it behind.
+//! is unlinked by rank 0 once every rank has attached (or when the join
+//! fails), so no crash after start-up can leave it behind.
+//!
+//! # Set-up
+//!
+//! Only rank 0 creates (`O_CREAT | O_EXCL`); it records its pid, start time
+//! (field 22 of `/proc/<pid>/stat`) and job id in the header before
+//! publishing `magic` (Release). The job id is `KFAC_JOB_ID` (`kfac-launch`
+//! sets a fresh one; by hand: the same on every rank of a job) or the one
+//! given to [`ShmGroup::join_job`].
+//!
+//! When the name exists and its creator is dead (pid gone, a zombie, or
+//! another start time), the segment is *stale*: rank 0 claims it by a
+//! compare-exchange of the header's `reaper` word (0 or a dead reaper ->
+//! itself), only the winner `shm_unlink`s the name, and everybody retries
+//! the exclusive create. So two rank 0s cannot both remove one stale
+//! segment, and none removes a new one: a name is unlinked only by its
+//! live creator or by the claim's winner on that very segment (its creator
+//! is dead, so nobody else unlinks it in between; a claimant taking over
+//! from a dead reaper first checks by inode that the name still refers to
+//! it). The loser's create then fails against the winner's live segment
+//! ("in use"). A segment without a recorded creator (rank 0 killed between
+//! its create and its first header write) is stale once 10 s old.
+//!
+//! Attaching ranks wait (until their timeout) while the creator is dead, so
+//! they never join a stale segment; on a live one a different job id (or
+//! one side without any) fails at join, naming both. Ranks started by hand
+//! without `KFAC_JOB_ID` all carry "no job id": two such jobs started at
+//! once with the same group name and world size can form one mixed group;
+//! give concurrent jobs distinct group names or job ids.
+//!
+//! A rank 0 killed while waiting for its peers (SIGKILL, or SIGTERM/SIGINT
+//! with their default action: no handler is installed) leaves the name
+//! behind: `kfac-launch` removes it after the ranks exit, and otherwise
+//! the next job of that name replaces it as above.
 //!
 //! # Protocol
 //!
@@ -60,10 +94,12 @@ use super::{check_elem, check_root, elem_size, CommError, Communicator, ReduceTy
 /// Magic number at the start of every segment (`"KFACSHM1"`).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KFACSHM1");
 /// Layout version of the segment.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Largest world size a group supports.
 pub const MAX_WORLD: usize = 1024;
-const HEADER_BYTES: usize = 128;
+const HEADER_BYTES: usize = 256;
+/// Longest job id (bytes) a segment stores.
+pub const MAX_JOB_ID: usize = 64;
 const CTL_BYTES: usize = 128;
 const PAGE: usize = 4096;
 /// Longest single futex sleep between liveness checks.
@@ -89,6 +125,19 @@ struct Header {
     aborted: AtomicU32,
     /// 0, or 1 + the rank blamed by the abort.
     blamed: AtomicU32,
+    /// Pid of the process that created the segment (rank 0), written
+    /// before `magic` (whose Release store publishes it).
+    creator_pid: AtomicI32,
+    /// Length of `job` in bytes (0: no job id).
+    job_len: AtomicU32,
+    /// Start time of the creator (field 22 of `/proc/<pid>/stat`).
+    creator_start: AtomicU64,
+    /// 0, or the process removing this (stale) segment: pid << 32 | low
+    /// 32 bits of its start time (SeqCst compare-exchange, see
+    /// `segment::claim`).
+    reaper: AtomicU64,
+    /// The creator's job id, `job_len` bytes (little-endian words).
+    job: [AtomicU64; MAX_JOB_ID / 8],
 }
 
 #[repr(C)]
