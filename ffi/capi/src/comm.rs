@@ -50,7 +50,7 @@ fn shm_options(timeout: Duration) -> ShmOptions {
 
 /// # Safety
 /// `out` non-NULL and writable.
-unsafe fn publish(c: Box<dyn Communicator>, out: *mut *mut KfacComm) {
+unsafe fn publish(c: Box<dyn Communicator>, out: *mut *mut KfacComm) -> R<()> {
     // SAFETY: forwarded contract.
     unsafe { handle::publish(KfacComm { inner: Some(c) }, out) }
 }
@@ -88,7 +88,7 @@ pub unsafe extern "C" fn kfac_comm_local(out: *mut *mut KfacComm) -> KfacStatus 
     guard(|| {
         non_null(out, "out")?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(Box::new(Local::new()), out) };
+        unsafe { publish(Box::new(Local::new()), out) }?;
         Ok(())
     })
 }
@@ -109,7 +109,7 @@ pub unsafe extern "C" fn kfac_comm_shm_from_env(
         non_null(out, "out")?;
         let g = ShmGroup::from_env(shm_options(timeout(timeout_ms)?)).map_err(comm_err)?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(Box::new(g), out) };
+        unsafe { publish(Box::new(g), out) }?;
         Ok(())
     })
 }
@@ -190,7 +190,7 @@ pub unsafe extern "C" fn kfac_comm_mpi(
                 Box::new(unsafe { MpiComm::from_fortran(fortran_comm, mpi) }.map_err(comm_err)?)
             };
             // SAFETY: checked non-NULL; writable by contract.
-            unsafe { publish(c, out) };
+            unsafe { publish(c, out) }?;
             Ok(())
         }
         #[cfg(not(feature = "mpi"))]
@@ -239,7 +239,7 @@ pub unsafe extern "C" fn kfac_comm_shm_join(
         let opts = shm_options(timeout(timeout_ms)?);
         let g = ShmGroup::join(name, rank as usize, world_size as usize, opts).map_err(comm_err)?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(Box::new(g), out) };
+        unsafe { publish(Box::new(g), out) }?;
         Ok(())
     })
 }
@@ -264,7 +264,7 @@ pub unsafe extern "C" fn kfac_comm_from_callbacks(
         let c = unsafe { extensible::read(collectives, "collectives") }?;
         let cb = Callbacks::new(c)?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(Box::new(cb), out) };
+        unsafe { publish(Box::new(cb), out) }?;
         Ok(())
     })
 }
