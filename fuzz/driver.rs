@@ -280,7 +280,8 @@ enum Call {
     /// Frees the preconditioner when the value is >= 224 (so most runs
     /// keep one).
     Free(u8),
-    UseFreed,
+    /// A call and a double free with one of the handles freed so far.
+    UseFreed(u8),
 }
 
 /// What the driver knows about a registered layer (to size buffers).
@@ -423,6 +424,8 @@ pub struct Summary {
     pub reloads: usize,
     /// Failed calls (any status but `KFAC_OK`).
     pub errors: usize,
+    /// Uses and double frees of a freed preconditioner handle (refused).
+    pub stale: usize,
 }
 
 /// Runs one fuzz input: up to 64 calls decoded from `data`, on a
@@ -462,6 +465,9 @@ pub fn run(data: &[u8]) -> Summary {
                 Call::SaveLoad { .. } => 3,
                 _ => 0,
             };
+            if matches!(call, Call::UseFreed(_)) && freed.iter().any(|q| !q.is_null()) {
+                sum.stale += 1;
+            }
             let st = one(call, &mut p, &mut layers, &mut freed, &mut cb_states);
             sum.calls += 1;
             assert_ne!(st, KfacStatus::KFAC_ERR_PANIC, "a panic inside the library");
@@ -584,6 +590,14 @@ unsafe fn one(
                 // the handle itself stays the caller's to free.
                 if !comm_ptr.is_null() {
                     assert_eq!(kfac_comm_free(comm_ptr), KFAC_OK);
+                    // Its value is dead for good: a double free and a use
+                    // are refused.
+                    assert_eq!(kfac_comm_free(comm_ptr), KFAC_ERR_INVALID_HANDLE);
+                    let (mut r, mut w) = (0u32, 0u32);
+                    assert_eq!(
+                        kfac_comm_rank(comm_ptr, &mut r, &mut w),
+                        KFAC_ERR_INVALID_HANDLE
+                    );
                 }
                 st
             }
@@ -871,16 +885,27 @@ unsafe fn one(
                 layers.clear();
                 st
             }
-            Call::UseFreed => {
-                let Some(&q) = freed.last() else {
-                    return KFAC_OK;
-                };
-                if q.is_null() || q == *p {
+            Call::UseFreed(which) => {
+                // Any handle freed in this run, even one freed before the
+                // live one was created (a handle value is never given out
+                // again, so none of them is `*p`).
+                if freed.is_empty() {
                     return KFAC_OK;
                 }
+                let q = freed[which as usize % freed.len()];
+                if q.is_null() {
+                    return KFAC_OK;
+                }
+                assert_ne!(q, *p, "a freed handle value was given out again");
                 let mut size = 0usize;
                 let st = kfac_save_size(q, &mut size);
                 assert_eq!(st, KFAC_ERR_INVALID_HANDLE);
+                // A double free is refused and leaves the live handle alone.
+                assert_eq!(kfac_precond_free(q), KFAC_ERR_INVALID_HANDLE);
+                if !p.is_null() {
+                    let mut n = 0u64;
+                    assert_eq!(kfac_steps(*p, &mut n), KFAC_OK);
+                }
                 st
             }
         }
