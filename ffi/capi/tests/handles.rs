@@ -187,6 +187,76 @@ fn a_failed_create_leaves_the_communicator_with_the_caller() {
     }
 }
 
+/// Run by [`a_create_that_fails_for_lack_of_resources_leaves_the_communicator`]
+/// in a child process of its own (it lowers the address-space limit of
+/// the whole process).
+#[test]
+#[ignore = "run in a child process by a_create_that_fails_for_lack_of_resources_leaves_the_communicator"]
+fn child_create_under_an_address_space_limit() {
+    let mut c = ptr::null_mut();
+    // SAFETY: writable output.
+    expect(unsafe { kfac_comm_local(&mut c) }, KFAC_OK);
+    let mut cfg = config();
+    cfg.threads = 8;
+    let vm_kib: u64 = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmSize in /proc/self/status");
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Room for small allocations, not for the pool's 2 MiB thread stacks.
+    let low = libc::rlimit {
+        rlim_cur: (vm_kib + 1024) * 1024,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let mut p = ptr::null_mut();
+    // SAFETY: valid rlimit structs; valid create arguments.
+    let st = unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_AS, &mut old), 0);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &low), 0);
+        let st = kfac_precond_create(&cfg, c, &mut p);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &old), 0);
+        st
+    };
+    assert_ne!(st, KFAC_OK, "the thread pool was built under the limit");
+    assert!(p.is_null());
+    let (mut r, mut w) = (7u32, 7u32);
+    // SAFETY: `c` is live; writable outputs.
+    expect(unsafe { kfac_comm_rank(c, &mut r, &mut w) }, KFAC_OK);
+    let p = with_linear(c);
+    expect(observe(p as usize), KFAC_OK);
+    expect(step(p), KFAC_OK);
+    free(p);
+    // SAFETY: freed exactly once; the second free is refused.
+    unsafe {
+        expect(kfac_comm_free(c), KFAC_OK);
+        expect(kfac_comm_free(c), KFAC_ERR_INVALID_HANDLE);
+    }
+    println!("child create ok: {st:?}");
+}
+
+#[test]
+fn a_create_that_fails_for_lack_of_resources_leaves_the_communicator() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_create_under_an_address_space_limit",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("child create ok"), "{text}");
+}
+
 #[test]
 fn threads_hammering_one_handle_get_ok_or_busy_and_match_a_serial_run() {
     let p = with_linear(ptr::null_mut()) as usize;
