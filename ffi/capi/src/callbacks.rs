@@ -125,10 +125,7 @@ const _: () = assert!(size_of::<KfacCollectives>() == size_of::<KfacCollectivesV
 // pointer the caller vouches for).
 unsafe impl Extensible for KfacCollectives {
     const NAME: &'static str = "KfacCollectives";
-    const SIZES: &'static [usize] = &[
-        size_of::<KfacCollectivesV2>(),
-        size_of::<KfacCollectives>(),
-    ];
+    const SIZES: &'static [usize] = &[size_of::<KfacCollectivesV2>(), size_of::<KfacCollectives>()];
     fn defaults() -> Self {
         KfacCollectives {
             struct_size: size_of::<KfacCollectives>(),
@@ -474,9 +471,11 @@ impl Communicator for Callbacks {
             .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as usize)
             .collect();
         let max = sizes.iter().copied().max().unwrap_or(0);
-        let total = max.checked_mul(world).ok_or_else(|| CommError::InvalidArgument {
-            reason: format!("allgather sizes overflow: {max} bytes x {world} ranks"),
-        })?;
+        let total = max
+            .checked_mul(world)
+            .ok_or_else(|| CommError::InvalidArgument {
+                reason: format!("allgather sizes overflow: {max} bytes x {world} ranks"),
+            })?;
         let mut padded = send.to_vec();
         padded.resize(max, 0);
         let mut all = vec![0u8; total];

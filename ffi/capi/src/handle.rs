@@ -232,7 +232,13 @@ pub(crate) unsafe fn free<T: Handle>(h: *mut T) -> KfacStatus {
                 return busy(T::KIND);
             }
             // Idle while the registry is locked: nobody can take it now.
-            r.live.remove(&token).map(|e| e.value)
+            let value = r.live.remove(&token).map(|e| e.value);
+            if r.live.is_empty() {
+                // No handle left: give the table back, so a program that
+                // freed every handle holds no memory of the library's.
+                r.live.shrink_to_fit();
+            }
+            value
         };
         // Dropped outside the registry lock (a communicator's drop may
         // take time).

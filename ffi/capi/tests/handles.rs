@@ -46,7 +46,10 @@ fn config() -> KfacConfig {
 fn with_linear(comm: *mut KfacComm) -> *mut KfacPrecond {
     let mut p = ptr::null_mut();
     // SAFETY: valid config, `comm` NULL or live, writable output.
-    expect(unsafe { kfac_precond_create(&config(), comm, &mut p) }, KFAC_OK);
+    expect(
+        unsafe { kfac_precond_create(&config(), comm, &mut p) },
+        KFAC_OK,
+    );
     let name = CString::new("fc").unwrap();
     let mut id = 9;
     // SAFETY: live handle, NUL-terminated name, writable id.
@@ -123,15 +126,24 @@ fn a_freed_handle_value_is_refused_while_new_handles_live() {
             c
         })
         .collect();
-    assert!(!fresh.contains(&old), "a freed handle value was given out again");
-    assert!(!comms.contains(&old_comm), "a freed handle value was given out again");
+    assert!(
+        !fresh.contains(&old),
+        "a freed handle value was given out again"
+    );
+    assert!(
+        !comms.contains(&old_comm),
+        "a freed handle value was given out again"
+    );
     let (mut r, mut w) = (7u32, 7u32);
     // SAFETY: stale values are refused without a dereference.
     unsafe {
         expect(observe(old as usize), KFAC_ERR_INVALID_HANDLE);
         expect(steps(old as usize), KFAC_ERR_INVALID_HANDLE);
         expect(kfac_precond_free(old), KFAC_ERR_INVALID_HANDLE);
-        expect(kfac_comm_rank(old_comm, &mut r, &mut w), KFAC_ERR_INVALID_HANDLE);
+        expect(
+            kfac_comm_rank(old_comm, &mut r, &mut w),
+            KFAC_ERR_INVALID_HANDLE,
+        );
         expect(kfac_comm_free(old_comm), KFAC_ERR_INVALID_HANDLE);
     }
     // Every new handle still works, and is freed exactly once.
@@ -251,8 +263,8 @@ fn a_create_that_fails_for_lack_of_resources_leaves_the_communicator() {
         ])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("child create ok"), "{text}");
 }
@@ -416,7 +428,9 @@ unsafe extern "C" fn gated_allgather(
     gate.pass();
     for r in 0..2 {
         // SAFETY: `recv` holds two slots of `bytes`.
-        unsafe { ptr::copy_nonoverlapping(send.cast::<u8>(), recv.cast::<u8>().add(r * bytes), bytes) };
+        unsafe {
+            ptr::copy_nonoverlapping(send.cast::<u8>(), recv.cast::<u8>().add(r * bytes), bytes)
+        };
     }
     gate.returned.fetch_add(1, Ordering::SeqCst);
     0
