@@ -126,11 +126,15 @@ struct WithTail<T> {
 }
 
 impl StructSize {
-    /// The `struct_size` for a struct of `cur` bytes, whether the library
-    /// must accept it, and the index of a tail byte to set non-zero.
-    fn value(self, cur: usize) -> (usize, bool, Option<usize>) {
+    /// The `struct_size` for a struct of `cur` bytes whose earlier
+    /// released layouts have the sizes `older`, whether the library must
+    /// accept it, and the index of a tail byte to set non-zero.
+    fn value(self, cur: usize, older: &[usize]) -> (usize, bool, Option<usize>) {
         match self {
-            StructSize::Short(k) => (cur - 1 - k as usize % cur, false, None),
+            StructSize::Short(k) => {
+                let n = cur - 1 - k as usize % cur;
+                (n, older.contains(&n), None)
+            }
             StructSize::Longer { extra, poke } => {
                 let e = 1 + extra as usize % TAIL;
                 let at = poke.map(|i| i as usize % e);
@@ -148,7 +152,7 @@ impl StructSize {
 unsafe fn sized_config(size: Option<StructSize>) -> (Box<WithTail<KfacConfig>>, bool) {
     use std::mem::size_of;
     let cur = size_of::<KfacConfig>();
-    let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur));
+    let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur, &[]));
     // SAFETY: all-zero is a valid KfacConfig (integers and floats).
     let zero = unsafe { std::mem::zeroed::<KfacConfig>() };
     let mut w = Box::new(WithTail {
@@ -546,7 +550,10 @@ unsafe fn one(
                         }));
                         cb_states.push(cb_state);
                         let cur = std::mem::size_of::<KfacCollectives>();
-                        let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur));
+                        // The layout before `timeout_ms` is still accepted.
+                        let older = [cur - std::mem::size_of::<u64>()];
+                        let (n, ok, poke) =
+                            size.map_or((cur, true, None), |s| s.value(cur, &older));
                         let mut coll = WithTail {
                             v: std::mem::zeroed::<KfacCollectives>(),
                             tail: [0; TAIL],

@@ -340,6 +340,8 @@ struct Gate {
     cv: Condvar,
     /// Callbacks that have returned.
     returned: AtomicUsize,
+    /// The thread of the last callback.
+    thread: Mutex<Option<std::thread::ThreadId>>,
 }
 
 impl Gate {
@@ -348,11 +350,13 @@ impl Gate {
             state: Mutex::new((0, false)),
             cv: Condvar::new(),
             returned: AtomicUsize::new(0),
+            thread: Mutex::new(None),
         })
     }
     /// Called by a callback: counts the call, waits until open (60 s at
     /// most, so a broken test cannot hang).
     fn pass(&self) {
+        *self.thread.lock().unwrap() = Some(std::thread::current().id());
         let mut s = self.state.lock().unwrap();
         s.0 += 1;
         self.cv.notify_all();
@@ -448,6 +452,11 @@ unsafe extern "C" fn gated_barrier(u: *mut c_void) -> i32 {
 
 /// Rank 0 of 2 over the gated callbacks.
 fn gated_comm(gate: &Arc<Gate>, timeout_ms: u64) -> *mut KfacComm {
+    gated_comm_sized(gate, timeout_ms, size_of::<KfacCollectives>())
+}
+
+/// As [`gated_comm`], passed with `struct_size` `size`.
+fn gated_comm_sized(gate: &Arc<Gate>, timeout_ms: u64, size: usize) -> *mut KfacComm {
     // SAFETY: all-zero is valid; `kfac_collectives_init` writes its size.
     let mut c = unsafe { std::mem::zeroed::<KfacCollectives>() };
     // SAFETY: writable for its size.
@@ -463,6 +472,7 @@ fn gated_comm(gate: &Arc<Gate>, timeout_ms: u64) -> *mut KfacComm {
     c.allgather = Some(gated_allgather);
     c.barrier = Some(gated_barrier);
     c.timeout_ms = timeout_ms;
+    c.struct_size = size;
     let mut h = ptr::null_mut();
     // SAFETY: valid struct and output; `gate` outlives every callback.
     expect(unsafe { kfac_comm_from_callbacks(&c, &mut h) }, KFAC_OK);
@@ -552,12 +562,28 @@ fn a_callback_that_does_not_return_times_out_and_fails_the_communicator() {
 fn a_bounded_callback_communicator_averages_like_an_unbounded_one() {
     let gate = Gate::new();
     gate.open();
-    for timeout_ms in [0, 60_000] {
-        let comm = gated_comm(&gate, timeout_ms);
+    let full = size_of::<KfacCollectives>();
+    // The layout before `timeout_ms` (its last 8 bytes): unbounded, so the
+    // 60 s written there is not read.
+    let older = full - size_of::<u64>();
+    for (timeout_ms, size, own_thread) in [
+        (0, full, false),
+        (60_000, full, true),
+        (60_000, older, false),
+    ] {
+        let comm = gated_comm_sized(&gate, timeout_ms, size);
         let p = with_linear(comm) as usize;
         let (mut w, mut b) = ([1.0f32; 6], [2.0f32; 2]);
         expect(allreduce_grads(p, &mut w, &mut b), KFAC_OK);
         assert_eq!((w, b), ([1.0; 6], [1.5; 2]), "timeout_ms {timeout_ms}");
+        // Bounded: the callbacks run on the communicator's own thread;
+        // unbounded: on the caller's.
+        let on = gate.thread.lock().unwrap().expect("a callback ran");
+        assert_eq!(
+            on != std::thread::current().id(),
+            own_thread,
+            "{timeout_ms} {size}"
+        );
         free(p as *mut _);
         // SAFETY: a live handle.
         expect(unsafe { kfac_comm_free(comm) }, KFAC_OK);
