@@ -464,7 +464,9 @@ KfacStatus kfac_comm_from_callbacks(const KfacCollectives *collectives, KfacComm
 KfacStatus kfac_comm_rank(const KfacComm *comm, uint32_t *rank, uint32_t *world_size);
 
 // Frees a communicator handle (whether or not a preconditioner took its
-// connection). NULL is a no-op; a freed handle is refused.
+// connection). NULL is a no-op; a freed handle is refused
+// (`KFAC_ERR_INVALID_HANDLE`), one in use by a call on another thread too
+// (`KFAC_ERR_BUSY`; it stays live).
 //
 // # Safety
 // `comm` NULL or a handle from `kfac_comm_*`, not used afterwards.
@@ -494,7 +496,8 @@ KfacStatus kfac_collectives_init(KfacCollectives *out, size_t struct_size);
 KfacStatus kfac_precond_create(const KfacConfig *config, KfacComm *comm, KfacPrecond **out);
 
 // Frees a preconditioner (also a poisoned one). NULL is a no-op; a freed
-// handle is refused.
+// handle is refused (`KFAC_ERR_INVALID_HANDLE`), one in use by a call on
+// another thread too (`KFAC_ERR_BUSY`; it stays live).
 //
 // # Safety
 // `p` NULL or a handle from `kfac_precond_create`/`kfac_load`.

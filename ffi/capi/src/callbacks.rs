@@ -190,19 +190,24 @@ impl Op {
 /// the whole call.
 unsafe fn invoke(c: &KfacCollectives, op: Op, buf: *mut u8, len: usize, send: *const u8) -> i32 {
     let u = c.user_data;
-    // SAFETY (each arm): the callback contract (header) and this
-    // function's: the buffers are valid for the sizes passed.
     match op {
-        Op::Allreduce { count, dtype } => c
-            .allreduce
-            .map_or(-1, |f| unsafe { f(u, buf.cast(), count, dtype) }),
-        Op::Broadcast { root } => c
-            .broadcast
-            .map_or(-1, |f| unsafe { f(u, buf.cast(), len, root) }),
-        Op::Allgather { bytes } => c
-            .allgather
-            .map_or(-1, |f| unsafe { f(u, send.cast(), buf.cast(), bytes) }),
-        Op::Barrier => c.barrier.map_or(-1, |f| unsafe { f(u) }),
+        Op::Allreduce { count, dtype } => c.allreduce.map_or(-1, |f| {
+            // SAFETY: the callback contract (header) and this function's:
+            // `buf` holds `count` aligned elements of `dtype`.
+            unsafe { f(u, buf.cast(), count, dtype) }
+        }),
+        Op::Broadcast { root } => c.broadcast.map_or(-1, |f| {
+            // SAFETY: as above; `buf` holds `len` bytes.
+            unsafe { f(u, buf.cast(), len, root) }
+        }),
+        Op::Allgather { bytes } => c.allgather.map_or(-1, |f| {
+            // SAFETY: as above; `send` `bytes`, `buf` `world_size * bytes`.
+            unsafe { f(u, send.cast(), buf.cast(), bytes) }
+        }),
+        Op::Barrier => c.barrier.map_or(-1, |f| {
+            // SAFETY: the callback contract (header).
+            unsafe { f(u) }
+        }),
     }
 }
 

@@ -302,7 +302,9 @@ pub unsafe extern "C" fn kfac_comm_rank(
 }
 
 /// Frees a communicator handle (whether or not a preconditioner took its
-/// connection). NULL is a no-op; a freed handle is refused.
+/// connection). NULL is a no-op; a freed handle is refused
+/// (`KFAC_ERR_INVALID_HANDLE`), one in use by a call on another thread too
+/// (`KFAC_ERR_BUSY`; it stays live).
 ///
 /// # Safety
 /// `comm` NULL or a handle from `kfac_comm_*`, not used afterwards.

@@ -217,7 +217,8 @@ pub unsafe extern "C" fn kfac_precond_create(
 }
 
 /// Frees a preconditioner (also a poisoned one). NULL is a no-op; a freed
-/// handle is refused.
+/// handle is refused (`KFAC_ERR_INVALID_HANDLE`), one in use by a call on
+/// another thread too (`KFAC_ERR_BUSY`; it stays live).
 ///
 /// # Safety
 /// `p` NULL or a handle from `kfac_precond_create`/`kfac_load`.
