@@ -195,11 +195,14 @@ enum CommKind {
     Local,
     /// Caller collectives of `world_size` ranks that do nothing but may
     /// fail (a "rank" of a group whose peers are all identical), with the
-    /// given `struct_size` (`None`: `sizeof(KfacCollectives)`).
+    /// given `struct_size` (`None`: `sizeof(KfacCollectives)`); `bounded`:
+    /// with a (never reached) `timeout_ms`, so the callbacks run on the
+    /// communicator's own thread.
     Callbacks {
         world_size: u8,
         fail_after: u8,
         size: Option<StructSize>,
+        bounded: bool,
     },
 }
 
@@ -542,6 +545,7 @@ unsafe fn one(
                         world_size,
                         fail_after,
                         size,
+                        bounded,
                     } => {
                         let ws = (world_size % 4) as u32;
                         let cb_state = Box::into_raw(Box::new(CallbackState {
@@ -571,6 +575,9 @@ unsafe fn one(
                         coll.v.broadcast = Some(cb_broadcast);
                         coll.v.allgather = Some(cb_allgather);
                         coll.v.barrier = Some(cb_barrier);
+                        if bounded {
+                            coll.v.timeout_ms = 600_000;
+                        }
                         let mut h = ptr::null_mut();
                         let st = kfac_comm_from_callbacks(&coll.v, &mut h);
                         if !ok {

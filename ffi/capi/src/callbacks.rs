@@ -310,8 +310,10 @@ impl Worker {
     /// result back into `buf` if it completes in time.
     fn run(&mut self, op: Op, buf: &mut [u8], send: &[u8]) -> Result<i32, CommError> {
         if self.failed {
-            return Err(CommError::InvalidArgument {
-                reason: "the communicator failed: an earlier callback timed out".into(),
+            return Err(CommError::Os {
+                call: op.name(),
+                reason: "not called: the communicator failed (an earlier callback timed out)"
+                    .into(),
             });
         }
         let job = Job {
@@ -322,8 +324,9 @@ impl Worker {
         let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
         if !sent {
             self.failed = true;
-            return Err(CommError::InvalidArgument {
-                reason: "the callback thread is gone".into(),
+            return Err(CommError::Os {
+                call: op.name(),
+                reason: "not called: the callback thread is gone".into(),
             });
         }
         match self.replies.recv_timeout(self.timeout) {
@@ -333,18 +336,21 @@ impl Worker {
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 self.failed = true;
-                Err(CommError::Timeout {
-                    op: op.name(),
-                    waiting_for: Vec::new(),
-                    timeout: self.timeout,
+                Err(CommError::Os {
+                    call: op.name(),
+                    reason: format!(
+                        "did not return within timeout_ms = {}; the communicator is failed",
+                        self.timeout.as_millis()
+                    ),
                 })
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 // The thread ended: the callback panicked (unwound out of
                 // C), so it is not used again.
                 self.failed = true;
-                Err(CommError::InvalidArgument {
-                    reason: format!("the {} did not return", op.name()),
+                Err(CommError::Os {
+                    call: op.name(),
+                    reason: "the callback thread ended without an answer".into(),
                 })
             }
         }

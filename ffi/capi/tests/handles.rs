@@ -533,12 +533,14 @@ fn a_callback_that_does_not_return_times_out_and_fails_the_communicator() {
     let t0 = Instant::now();
     expect(allreduce_grads(p, &mut w, &mut b), KFAC_ERR_COMM);
     let waited = t0.elapsed();
+    assert!(last_error().contains("timeout_ms"), "{}", last_error());
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
     assert!(waited < Duration::from_secs(30), "{waited:?}");
     let calls = gate.calls();
     assert_eq!(calls, 1);
     // Failed for good: the next collective fails without calling back.
     expect(allreduce_grads(p, &mut w, &mut b), KFAC_ERR_COMM);
+    assert!(last_error().contains("failed"), "{}", last_error());
     assert_eq!(gate.calls(), calls);
     // The handle itself is fine (not busy, not poisoned).
     expect(steps(p), KFAC_OK);
