@@ -126,11 +126,15 @@ struct WithTail<T> {
 }
 
 impl StructSize {
-    /// The `struct_size` for a struct of `cur` bytes, whether the library
-    /// must accept it, and the index of a tail byte to set non-zero.
-    fn value(self, cur: usize) -> (usize, bool, Option<usize>) {
+    /// The `struct_size` for a struct of `cur` bytes whose earlier
+    /// released layouts have the sizes `older`, whether the library must
+    /// accept it, and the index of a tail byte to set non-zero.
+    fn value(self, cur: usize, older: &[usize]) -> (usize, bool, Option<usize>) {
         match self {
-            StructSize::Short(k) => (cur - 1 - k as usize % cur, false, None),
+            StructSize::Short(k) => {
+                let n = cur - 1 - k as usize % cur;
+                (n, older.contains(&n), None)
+            }
             StructSize::Longer { extra, poke } => {
                 let e = 1 + extra as usize % TAIL;
                 let at = poke.map(|i| i as usize % e);
@@ -148,7 +152,7 @@ impl StructSize {
 unsafe fn sized_config(size: Option<StructSize>) -> (Box<WithTail<KfacConfig>>, bool) {
     use std::mem::size_of;
     let cur = size_of::<KfacConfig>();
-    let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur));
+    let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur, &[]));
     // SAFETY: all-zero is a valid KfacConfig (integers and floats).
     let zero = unsafe { std::mem::zeroed::<KfacConfig>() };
     let mut w = Box::new(WithTail {
@@ -191,11 +195,14 @@ enum CommKind {
     Local,
     /// Caller collectives of `world_size` ranks that do nothing but may
     /// fail (a "rank" of a group whose peers are all identical), with the
-    /// given `struct_size` (`None`: `sizeof(KfacCollectives)`).
+    /// given `struct_size` (`None`: `sizeof(KfacCollectives)`); `bounded`:
+    /// with a (never reached) `timeout_ms`, so the callbacks run on the
+    /// communicator's own thread.
     Callbacks {
         world_size: u8,
         fail_after: u8,
         size: Option<StructSize>,
+        bounded: bool,
     },
 }
 
@@ -280,7 +287,8 @@ enum Call {
     /// Frees the preconditioner when the value is >= 224 (so most runs
     /// keep one).
     Free(u8),
-    UseFreed,
+    /// A call and a double free with one of the handles freed so far.
+    UseFreed(u8),
 }
 
 /// What the driver knows about a registered layer (to size buffers).
@@ -423,6 +431,8 @@ pub struct Summary {
     pub reloads: usize,
     /// Failed calls (any status but `KFAC_OK`).
     pub errors: usize,
+    /// Uses and double frees of a freed preconditioner handle (refused).
+    pub stale: usize,
 }
 
 /// Runs one fuzz input: up to 64 calls decoded from `data`, on a
@@ -462,6 +472,9 @@ pub fn run(data: &[u8]) -> Summary {
                 Call::SaveLoad { .. } => 3,
                 _ => 0,
             };
+            if matches!(call, Call::UseFreed(_)) && freed.iter().any(|q| !q.is_null()) {
+                sum.stale += 1;
+            }
             let st = one(call, &mut p, &mut layers, &mut freed, &mut cb_states);
             sum.calls += 1;
             assert_ne!(st, KfacStatus::KFAC_ERR_PANIC, "a panic inside the library");
@@ -532,6 +545,7 @@ unsafe fn one(
                         world_size,
                         fail_after,
                         size,
+                        bounded,
                     } => {
                         let ws = (world_size % 4) as u32;
                         let cb_state = Box::into_raw(Box::new(CallbackState {
@@ -540,7 +554,10 @@ unsafe fn one(
                         }));
                         cb_states.push(cb_state);
                         let cur = std::mem::size_of::<KfacCollectives>();
-                        let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur));
+                        // The layout before `timeout_ms` is still accepted.
+                        let older = [cur - std::mem::size_of::<u64>()];
+                        let (n, ok, poke) =
+                            size.map_or((cur, true, None), |s| s.value(cur, &older));
                         let mut coll = WithTail {
                             v: std::mem::zeroed::<KfacCollectives>(),
                             tail: [0; TAIL],
@@ -558,6 +575,9 @@ unsafe fn one(
                         coll.v.broadcast = Some(cb_broadcast);
                         coll.v.allgather = Some(cb_allgather);
                         coll.v.barrier = Some(cb_barrier);
+                        if bounded {
+                            coll.v.timeout_ms = 600_000;
+                        }
                         let mut h = ptr::null_mut();
                         let st = kfac_comm_from_callbacks(&coll.v, &mut h);
                         if !ok {
@@ -584,6 +604,14 @@ unsafe fn one(
                 // the handle itself stays the caller's to free.
                 if !comm_ptr.is_null() {
                     assert_eq!(kfac_comm_free(comm_ptr), KFAC_OK);
+                    // Its value is dead for good: a double free and a use
+                    // are refused.
+                    assert_eq!(kfac_comm_free(comm_ptr), KFAC_ERR_INVALID_HANDLE);
+                    let (mut r, mut w) = (0u32, 0u32);
+                    assert_eq!(
+                        kfac_comm_rank(comm_ptr, &mut r, &mut w),
+                        KFAC_ERR_INVALID_HANDLE
+                    );
                 }
                 st
             }
@@ -871,16 +899,27 @@ unsafe fn one(
                 layers.clear();
                 st
             }
-            Call::UseFreed => {
-                let Some(&q) = freed.last() else {
-                    return KFAC_OK;
-                };
-                if q.is_null() || q == *p {
+            Call::UseFreed(which) => {
+                // Any handle freed in this run, even one freed before the
+                // live one was created (a handle value is never given out
+                // again, so none of them is `*p`).
+                if freed.is_empty() {
                     return KFAC_OK;
                 }
+                let q = freed[which as usize % freed.len()];
+                if q.is_null() {
+                    return KFAC_OK;
+                }
+                assert_ne!(q, *p, "a freed handle value was given out again");
                 let mut size = 0usize;
                 let st = kfac_save_size(q, &mut size);
                 assert_eq!(st, KFAC_ERR_INVALID_HANDLE);
+                // A double free is refused and leaves the live handle alone.
+                assert_eq!(kfac_precond_free(q), KFAC_ERR_INVALID_HANDLE);
+                if !p.is_null() {
+                    let mut n = 0u64;
+                    assert_eq!(kfac_steps(*p, &mut n), KFAC_OK);
+                }
                 st
             }
         }

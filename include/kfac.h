@@ -9,13 +9,18 @@
  *   handle and caller buffer is exactly as it was before the call.
  * - Ownership: handles (KfacComm, KfacPrecond) are created by the library
  *   and owned by the caller until passed to their *_free function. Freed or
- *   foreign handles are detected and refused with KFAC_ERR_INVALID_HANDLE.
+ *   foreign handles are detected and refused with KFAC_ERR_INVALID_HANDLE
+ *   (handle values are never reused, so a stale one never reaches a newer
+ *   handle). kfac_precond_create/kfac_load take a communicator's
+ *   connection on success only.
  *   Input arrays are only read during the call; gradient arrays passed to
  *   kfac_step are written during the call only; the library keeps no
  *   pointer to caller memory. Strings returned by the library are owned by
  *   it.
- * - Threads: a handle may be used from any thread but not from two threads
- *   at the same time; different handles are independent.
+ * - Threads: a handle may be used from any thread and serves one call at a
+ *   time: a call on a handle another thread is using (read-only calls and
+ *   *_free included) returns KFAC_ERR_BUSY at once, having done nothing.
+ *   Different handles are independent.
  * - Extensible structs (KfacConfig, KfacCollectives) start with
  *   size_t struct_size = sizeof the struct in the caller's header, set by
  *   kfac_config_default(&c, sizeof c) / kfac_collectives_init(&c, sizeof c).
@@ -105,6 +110,11 @@ typedef enum {
   // The system refused a resource (a thread pool could not be built:
   // `kfac_precond_create`, `kfac_load`).
   KFAC_ERR_RESOURCE = 12,
+  // The handle is in use by a call on another thread (any call taking a
+  // handle, `kfac_*_free` included; nothing was done, retry later). A
+  // handle serves one call at a time, read-only calls included; calls on
+  // different handles run concurrently.
+  KFAC_ERR_BUSY = 13,
 } KfacStatus;
 
 // Element type of a reduction in a [`KfacCollectives`] callback.
@@ -215,8 +225,9 @@ typedef struct {
 // the training stack's own NCCL/Gloo/MPI communicator. Every callback
 // returns 0 on success and any other value on failure (reported as
 // `KFAC_ERR_COMM`); all ranks call them in the same order. The library
-// calls them only from inside kfac calls on the owning preconditioner, on
-// the calling thread.
+// calls them only from inside kfac calls on the owning preconditioner:
+// on the calling thread when `timeout_ms` is 0, on one thread the library
+// starts for the communicator otherwise (see `timeout_ms`).
 //
 // Initialize with `kfac_collectives_init(&c, sizeof c)` (zeroes every
 // field and sets `struct_size`), then set the fields. `struct_size`
@@ -242,6 +253,22 @@ typedef struct {
   int32_t (*allgather)(void *user_data, const void *send, void *recv, size_t bytes);
   // Returns once every rank has called it.
   int32_t (*barrier)(void *user_data);
+  // 0 (the default, and what an older caller's struct without this
+  // field means): callbacks run on the thread of the kfac call and are
+  // not bounded, a callback that never returns hangs that call.
+  // Otherwise each callback invocation is bounded by `timeout_ms`
+  // milliseconds: the library runs every callback of this communicator
+  // on one thread of its own (started by `kfac_comm_from_callbacks`, so
+  // thread-bound state such as a CUDA context, or MPI below
+  // `MPI_THREAD_MULTIPLE` when other threads call MPI, must be usable
+  // from it), passing buffers the communicator owns (copied in and out,
+  // aligned for `double`). A callback that has not returned in time
+  // fails the kfac call with `KFAC_ERR_COMM` and leaves the communicator
+  // failed: every later collective fails at once. The late callback may
+  // still write into the buffers it was given, which stay allocated
+  // until it returns; `user_data` must stay valid until then, even after
+  // `kfac_comm_free`/`kfac_precond_free` (which do not wait for it).
+  uint64_t timeout_ms;
 } KfacCollectives;
 
 // A layer's gradient for `kfac_step`, preconditioned in place. `weight`
@@ -439,13 +466,16 @@ KfacStatus kfac_comm_from_callbacks(const KfacCollectives *collectives, KfacComm
 KfacStatus kfac_comm_rank(const KfacComm *comm, uint32_t *rank, uint32_t *world_size);
 
 // Frees a communicator handle (whether or not a preconditioner took its
-// connection). NULL is a no-op; a freed handle is refused.
+// connection). NULL is a no-op; a freed handle is refused
+// (`KFAC_ERR_INVALID_HANDLE`), one in use by a call on another thread too
+// (`KFAC_ERR_BUSY`; it stays live).
 //
 // # Safety
 // `comm` NULL or a handle from `kfac_comm_*`, not used afterwards.
 KfacStatus kfac_comm_free(KfacComm *comm);
 
-// Zeroes `*out` (NULL callbacks and `user_data`, rank 0 of world size 0)
+// Zeroes `*out` (NULL callbacks and `user_data`, rank 0 of world size 0,
+// no timeout)
 // and sets `out->struct_size = struct_size`. Pass `sizeof *out`.
 // `KFAC_ERR_NULL` for a NULL `out`, `KFAC_ERR_INVALID_ARGUMENT` for a
 // `struct_size` the library does not accept (nothing is written then).
@@ -454,11 +484,13 @@ KfacStatus kfac_comm_free(KfacComm *comm);
 // `out` must be NULL or point to `struct_size` writable bytes. Thread-safe.
 KfacStatus kfac_collectives_init(KfacCollectives *out, size_t struct_size);
 
-// Creates a preconditioner. `comm` may be NULL (single process); otherwise
-// the preconditioner takes over the communicator's connection (the `comm`
-// handle must still be freed with `kfac_comm_free`, and cannot be passed to
-// another preconditioner). `config` is read as described at `KfacConfig`
-// (`struct_size`); an invalid field is `KFAC_ERR_INVALID_ARGUMENT`.
+// Creates a preconditioner. `comm` may be NULL (single process); otherwise,
+// on success only, the preconditioner takes over the communicator's
+// connection (the `comm` handle must still be freed with `kfac_comm_free`,
+// and cannot be passed to another preconditioner). On any failure `comm`
+// is untouched: still usable, still the caller's to free. `config` is read
+// as described at `KfacConfig` (`struct_size`); an invalid field is
+// `KFAC_ERR_INVALID_ARGUMENT`.
 //
 // # Safety
 // `config` NULL or `config->struct_size` readable bytes; `comm` NULL or a
@@ -466,7 +498,8 @@ KfacStatus kfac_collectives_init(KfacCollectives *out, size_t struct_size);
 KfacStatus kfac_precond_create(const KfacConfig *config, KfacComm *comm, KfacPrecond **out);
 
 // Frees a preconditioner (also a poisoned one). NULL is a no-op; a freed
-// handle is refused.
+// handle is refused (`KFAC_ERR_INVALID_HANDLE`), one in use by a call on
+// another thread too (`KFAC_ERR_BUSY`; it stays live).
 //
 // # Safety
 // `p` NULL or a handle from `kfac_precond_create`/`kfac_load`.

@@ -1,7 +1,10 @@
 // kfac.hpp: a header-only C++17 RAII wrapper over kfac.h.
 //
 // Handles are move-only and freed by their destructors; every failing call
-// throws kfac::Error carrying the status and the library's message. Matrix
+// throws kfac::Error carrying the status and the library's message. An
+// object serves one call at a time: a call while another thread uses it
+// throws kfac::Error with KFAC_ERR_BUSY (share objects across threads only
+// with your own locking). Matrix
 // arguments are span-like views (pointer, rows, cols, leading dimension),
 // row-major, read or written only during the call. Every function of
 // kfac.h is reachable from here (a test checks it).
@@ -141,7 +144,8 @@ class Preconditioner {
  public:
   static KfacConfig default_config() { return kfac::default_config(); }
   static KfacConfig kfac_pytorch_config() { return kfac::kfac_pytorch_config(); }
-  /// `comm` may be null (single process); its connection is taken over.
+  /// `comm` may be null (single process); its connection is taken over on
+  /// success only (when this throws, `comm` is untouched and usable).
   explicit Preconditioner(const KfacConfig& cfg, Comm* comm = nullptr) {
     check(kfac_precond_create(&cfg, comm ? comm->get() : nullptr, &h_));
   }

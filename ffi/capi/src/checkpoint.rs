@@ -4,7 +4,7 @@
 
 use kfac_runtime::Preconditioner;
 
-use crate::comm::{self, KfacComm};
+use crate::comm::KfacComm;
 use crate::precond::{self, KfacPrecond};
 use crate::status::{fail, guard, non_null, KfacStatus};
 
@@ -76,11 +76,8 @@ pub unsafe extern "C" fn kfac_load(
         non_null(buf, "buf")?;
         // SAFETY: `len` readable bytes by contract.
         let bytes = unsafe { std::slice::from_raw_parts(buf, len) };
-        let mut p = Preconditioner::load(bytes)?;
-        // SAFETY: forwarded contract.
-        p.set_communicator(unsafe { comm::take(comm) }?);
+        let p = Preconditioner::load(bytes)?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { precond::publish(p, out) };
-        Ok(())
+        unsafe { precond::publish_with_comm(p, comm, out) }
     })
 }

@@ -50,7 +50,7 @@ fn shm_options(timeout: Duration) -> ShmOptions {
 
 /// # Safety
 /// `out` non-NULL and writable.
-unsafe fn publish(c: Box<dyn Communicator>, out: *mut *mut KfacComm) {
+unsafe fn publish(c: Box<dyn Communicator>, out: *mut *mut KfacComm) -> R<()> {
     // SAFETY: forwarded contract.
     unsafe { handle::publish(KfacComm { inner: Some(c) }, out) }
 }
@@ -88,7 +88,7 @@ pub unsafe extern "C" fn kfac_comm_local(out: *mut *mut KfacComm) -> KfacStatus 
     guard(|| {
         non_null(out, "out")?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(Box::new(Local::new()), out) };
+        unsafe { publish(Box::new(Local::new()), out) }?;
         Ok(())
     })
 }
@@ -111,7 +111,7 @@ pub unsafe extern "C" fn kfac_comm_shm_from_env(
         non_null(out, "out")?;
         let g = ShmGroup::from_env(shm_options(timeout(timeout_ms)?)).map_err(comm_err)?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(Box::new(g), out) };
+        unsafe { publish(Box::new(g), out) }?;
         Ok(())
     })
 }
@@ -192,7 +192,7 @@ pub unsafe extern "C" fn kfac_comm_mpi(
                 Box::new(unsafe { MpiComm::from_fortran(fortran_comm, mpi) }.map_err(comm_err)?)
             };
             // SAFETY: checked non-NULL; writable by contract.
-            unsafe { publish(c, out) };
+            unsafe { publish(c, out) }?;
             Ok(())
         }
         #[cfg(not(feature = "mpi"))]
@@ -241,7 +241,7 @@ pub unsafe extern "C" fn kfac_comm_shm_join(
         let opts = shm_options(timeout(timeout_ms)?);
         let g = ShmGroup::join(name, rank as usize, world_size as usize, opts).map_err(comm_err)?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(Box::new(g), out) };
+        unsafe { publish(Box::new(g), out) }?;
         Ok(())
     })
 }
@@ -266,7 +266,7 @@ pub unsafe extern "C" fn kfac_comm_from_callbacks(
         let c = unsafe { extensible::read(collectives, "collectives") }?;
         let cb = Callbacks::new(c)?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(Box::new(cb), out) };
+        unsafe { publish(Box::new(cb), out) }?;
         Ok(())
     })
 }
@@ -304,7 +304,9 @@ pub unsafe extern "C" fn kfac_comm_rank(
 }
 
 /// Frees a communicator handle (whether or not a preconditioner took its
-/// connection). NULL is a no-op; a freed handle is refused.
+/// connection). NULL is a no-op; a freed handle is refused
+/// (`KFAC_ERR_INVALID_HANDLE`), one in use by a call on another thread too
+/// (`KFAC_ERR_BUSY`; it stays live).
 ///
 /// # Safety
 /// `comm` NULL or a handle from `kfac_comm_*`, not used afterwards.

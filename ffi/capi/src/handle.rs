@@ -1,18 +1,28 @@
-//! The registry of live handles and their poisoning.
+//! The registry of live handles: their values, kinds, poisoning, and the
+//! one-call-at-a-time rule.
 //!
-//! Every handle the library gives out is a `Box::into_raw` address
-//! recorded here with its kind. A call first looks the address up, so a
-//! freed, foreign or wrong-kind handle is refused with
-//! `KFAC_ERR_INVALID_HANDLE` without ever being dereferenced. A panic
-//! while a call uses a handle marks it poisoned (its state may be half
-//! updated); a poisoned handle is refused by every call but its `*_free`.
+//! A handle given to C is not an address but a token, `TAG | id` with `id`
+//! from a counter that only grows, so a freed handle's value is never
+//! given out again: a stale, foreign or wrong-kind value is refused with
+//! `KFAC_ERR_INVALID_HANDLE` and never dereferenced (on 64-bit targets
+//! `TAG` makes every token a non-canonical address, so no real pointer is
+//! ever mistaken for a handle).
+//!
+//! Each handle's object sits in a `Mutex` behind an `Arc` in the
+//! registry. A call takes the mutex with `try_lock` while it holds the
+//! registry lock, so a handle serves one call at a time: a call (read-only
+//! or not, `*_free` included) on a handle another thread is using returns
+//! `KFAC_ERR_BUSY` at once, without waiting. A panic while a call uses a
+//! handle marks it poisoned (its state may be half updated); a poisoned
+//! handle is refused by every call but its `*_free`.
 //!
 //! What lives here: the registry, [`publish`], [`with_ref`], [`with_mut`],
 //! [`free`]. What does not: what a handle holds (`comm`, `precond`).
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 
 use crate::status::{fail, guard, KfacStatus, R};
 
@@ -32,54 +42,98 @@ impl Kind {
     }
 }
 
-/// A type whose boxed values are handed to C as handles.
-pub(crate) trait Handle: Sized + 'static {
+/// A type whose values are handed to C as handles.
+pub(crate) trait Handle: Send + Sized + 'static {
     /// Recorded with every handle of this type.
     const KIND: Kind;
 }
 
+/// High bits of every token: "KF" in bits 48..64 on 64-bit targets (a
+/// non-canonical address on x86-64 and AArch64), nothing on 32-bit ones.
+const TAG: usize = (0x4b46_u64 << 48) as usize;
+/// Ids stay below this (so `TAG | id` keeps the tag intact).
+const MAX_ID: u64 = if usize::BITS == 64 {
+    1 << 48
+} else {
+    u32::MAX as u64
+};
+
 struct Entry {
     kind: Kind,
     poisoned: bool,
+    /// An `Arc<Mutex<T>>` with `T: Handle` of kind `kind`.
+    value: Arc<dyn Any + Send + Sync>,
 }
 
-fn registry() -> MutexGuard<'static, HashMap<usize, Entry>> {
-    static R: OnceLock<Mutex<HashMap<usize, Entry>>> = OnceLock::new();
-    R.get_or_init(|| Mutex::new(HashMap::new()))
-        .lock()
-        // The map is consistent after any panic (single inserts/removes).
-        .unwrap_or_else(|e| e.into_inner())
+struct Registry {
+    live: HashMap<usize, Entry>,
+    /// The id of the last handle published (0: none yet).
+    last_id: u64,
 }
 
-/// Boxes `value`, records it as live and writes the handle to `*out`.
+fn registry() -> MutexGuard<'static, Registry> {
+    static R: OnceLock<Mutex<Registry>> = OnceLock::new();
+    R.get_or_init(|| {
+        Mutex::new(Registry {
+            live: HashMap::new(),
+            last_id: 0,
+        })
+    })
+    .lock()
+    // The map is consistent after any panic (single inserts/removes).
+    .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records `value` as a new live handle and writes its token to `*out`.
+/// `KFAC_ERR_RESOURCE` once 2^48 (32-bit: 2^32) handles have been given
+/// out in this process (tokens are never reused).
 ///
 /// # Safety
 /// `out` is non-NULL and writable.
-pub(crate) unsafe fn publish<T: Handle>(value: T, out: *mut *mut T) {
-    let raw = Box::into_raw(Box::new(value));
-    registry().insert(
-        raw as usize,
-        Entry {
-            kind: T::KIND,
-            poisoned: false,
-        },
-    );
-    // SAFETY: the caller's contract.
-    unsafe { out.write(raw) };
+pub(crate) unsafe fn publish<T: Handle>(value: T, out: *mut *mut T) -> R<()> {
+    let token = {
+        let mut r = registry();
+        if r.last_id + 1 >= MAX_ID {
+            return fail(
+                KfacStatus::KFAC_ERR_RESOURCE,
+                "every handle value of this process has been used",
+            );
+        }
+        r.last_id += 1;
+        let token = TAG | r.last_id as usize;
+        r.live.insert(
+            token,
+            Entry {
+                kind: T::KIND,
+                poisoned: false,
+                value: Arc::new(Mutex::new(value)),
+            },
+        );
+        token
+    };
+    // SAFETY: the caller's contract. The token is an integer the C side
+    // only stores and passes back; it is never dereferenced.
+    unsafe { out.write(token as *mut T) };
+    Ok(())
 }
 
-/// Checks that `addr` is a live, unpoisoned handle of kind `T::KIND`.
-fn check_live<T: Handle>(addr: usize) -> R<()> {
+/// The object of the live, unpoisoned handle `token` of kind `T::KIND`.
+fn lookup<T: Handle>(r: &Registry, token: usize) -> R<Arc<Mutex<T>>> {
     let name = T::KIND.name();
-    if addr == 0 {
+    if token == 0 {
         return fail(KfacStatus::KFAC_ERR_NULL, format!("{name} handle is NULL"));
     }
-    match registry().get(&addr) {
-        Some(e) if e.kind == T::KIND && !e.poisoned => Ok(()),
-        Some(e) if e.kind == T::KIND => fail(
+    match r.live.get(&token) {
+        Some(e) if e.kind == T::KIND && e.poisoned => fail(
             KfacStatus::KFAC_ERR_INVALID_HANDLE,
             format!("{name} is poisoned by an earlier internal panic (free it)"),
         ),
+        Some(e) if e.kind == T::KIND => Arc::clone(&e.value).downcast::<Mutex<T>>().map_err(|_| {
+            crate::status::Fail(
+                KfacStatus::KFAC_ERR_INVALID_HANDLE,
+                format!("not a live {name} handle (wrong type)"),
+            )
+        }),
         _ => fail(
             KfacStatus::KFAC_ERR_INVALID_HANDLE,
             format!("not a live {name} handle (freed or foreign)"),
@@ -87,69 +141,108 @@ fn check_live<T: Handle>(addr: usize) -> R<()> {
     }
 }
 
-/// Runs `f`, poisoning the handle at `addr` if it panics.
-fn poison_on_panic<U>(addr: usize, f: impl FnOnce() -> R<U>) -> R<U> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
+fn busy<U>(kind: Kind) -> R<U> {
+    fail(
+        KfacStatus::KFAC_ERR_BUSY,
+        format!(
+            "the {} is in use by another call (a handle serves one call at a time)",
+            kind.name()
+        ),
+    )
+}
+
+/// Runs `f` on the live handle `token`, exclusively, poisoning the handle
+/// if `f` panics.
+fn with_locked<T: Handle, U>(token: usize, f: impl FnOnce(&mut T) -> R<U>) -> R<U> {
+    let r = registry();
+    let cell = lookup::<T>(&r, token)?;
+    let mut g = match cell.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::WouldBlock) => return busy(T::KIND),
+        // Only a panic poisons the mutex, and that marked the entry
+        // poisoned, which `lookup` refused; unreachable, but refused too.
+        Err(TryLockError::Poisoned(_)) => {
+            return fail(
+                KfacStatus::KFAC_ERR_INVALID_HANDLE,
+                format!("{} is poisoned (free it)", T::KIND.name()),
+            )
+        }
+    };
+    // Locked while the registry was: `free` cannot have removed it since.
+    drop(r);
+    match catch_unwind(AssertUnwindSafe(|| f(&mut g))) {
+        Ok(res) => res,
         Err(e) => {
-            if let Some(entry) = registry().get_mut(&addr) {
+            if let Some(entry) = registry().live.get_mut(&token) {
                 entry.poisoned = true;
             }
+            drop(g);
             resume_unwind(e)
         }
     }
 }
 
-/// Runs `f` on the live handle `h` (read-only).
+/// Runs `f` on the live handle `h` (read-only). `KFAC_ERR_BUSY` when
+/// another thread is using `h`.
 ///
 /// # Safety
-/// No other thread uses `h` during the call (the header's rule).
+/// None beyond the signature's: `h` is never dereferenced (safe to call
+/// with any value); `unsafe` marks the C entry points' contract.
 pub(crate) unsafe fn with_ref<T: Handle, U>(h: *const T, f: impl FnOnce(&T) -> R<U>) -> R<U> {
-    check_live::<T>(h as usize)?;
-    // SAFETY: `h` is registered live, so it came from `Box::into_raw` in
-    // `publish` and has not been freed; nobody mutates it concurrently.
-    let r = unsafe { &*h };
-    poison_on_panic(h as usize, || f(r))
+    with_locked::<T, U>(h as usize, |v| f(v))
 }
 
-/// Runs `f` on the live handle `h`.
+/// Runs `f` on the live handle `h`. `KFAC_ERR_BUSY` when another thread is
+/// using `h`.
 ///
 /// # Safety
 /// As [`with_ref`].
 pub(crate) unsafe fn with_mut<T: Handle, U>(h: *mut T, f: impl FnOnce(&mut T) -> R<U>) -> R<U> {
-    check_live::<T>(h as usize)?;
-    // SAFETY: as in `with_ref`; no other reference exists during the call.
-    let r = unsafe { &mut *h };
-    poison_on_panic(h as usize, || f(r))
+    with_locked::<T, U>(h as usize, f)
 }
 
-/// Frees a handle: NULL is a no-op; an address that is not a live handle
-/// of this kind (freed, foreign) is refused without being dereferenced; a
-/// poisoned handle is freed.
+/// Frees a handle: NULL is a no-op; a value that is not a live handle of
+/// this kind (freed, foreign) is refused without being dereferenced; a
+/// handle another thread is using is refused with `KFAC_ERR_BUSY` (and
+/// stays live); a poisoned handle is freed.
 ///
 /// # Safety
-/// `h` is not used by another thread during the call.
+/// As [`with_ref`].
 pub(crate) unsafe fn free<T: Handle>(h: *mut T) -> KfacStatus {
     guard(|| {
-        if h.is_null() {
+        let token = h as usize;
+        if token == 0 {
             return Ok(());
         }
-        let removed = {
+        let value = {
             let mut r = registry();
-            match r.get(&(h as usize)) {
-                Some(e) if e.kind == T::KIND => r.remove(&(h as usize)).is_some(),
-                _ => false,
+            let in_use = match r.live.get(&token) {
+                Some(e) if e.kind == T::KIND && e.value.is::<Mutex<T>>() => e
+                    .value
+                    .downcast_ref::<Mutex<T>>()
+                    .is_some_and(|m| matches!(m.try_lock(), Err(TryLockError::WouldBlock))),
+                _ => {
+                    return fail(
+                        KfacStatus::KFAC_ERR_INVALID_HANDLE,
+                        format!("not a live {} handle (double free?)", T::KIND.name()),
+                    )
+                }
+            };
+            if in_use {
+                return busy(T::KIND);
             }
+            // Idle while the registry is locked: nobody can take it now.
+            let value = r.live.remove(&token).map(|e| e.value);
+            if r.live.is_empty() {
+                // No handle left: give the table back, so a program that
+                // freed every handle holds no memory of the library's.
+                r.live.shrink_to_fit();
+            }
+            value
         };
-        if !removed {
-            return fail(
-                KfacStatus::KFAC_ERR_INVALID_HANDLE,
-                format!("not a live {} handle (double free?)", T::KIND.name()),
-            );
-        }
-        // SAFETY: it was registered live, created by `Box::into_raw`, and
-        // is now unregistered, so this is the only release.
-        drop(unsafe { Box::from_raw(h) });
+        // Dropped outside the registry lock (a communicator's drop may
+        // take time).
+        drop(value);
         Ok(())
     })
 }

@@ -9,16 +9,20 @@
 //! * Every function returns a [`KfacStatus`]; `KFAC_OK` is 0. On any other
 //!   status, [`kfac_last_error`] gives a message for the calling thread, and
 //!   every handle and buffer is as it was before the call.
-//! * Handles are opaque; each `*_create`/`*_join` has a `*_free`. Freed or
-//!   foreign handles are detected (a registry of live handles) and refused
-//!   with `KFAC_ERR_INVALID_HANDLE`, never dereferenced.
+//! * Handles are opaque values (not addresses); each `*_create`/`*_join`
+//!   has a `*_free`. Freed or foreign handles are detected (a registry of
+//!   live handles; a freed handle's value is never given out again) and
+//!   refused with `KFAC_ERR_INVALID_HANDLE`, never dereferenced.
 //! * Structs that may grow ([`KfacConfig`], [`KfacCollectives`]) start with
 //!   `struct_size` (rules in `extensible`).
 //! * Matrices are `float`, row-major, with a leading dimension (elements
 //!   between the starts of consecutive rows) `>=` the row length.
 //! * No panic crosses the boundary: each entry point catches it, reports
 //!   `KFAC_ERR_PANIC`, and marks the handle it was using as poisoned.
-//! * A handle may be used from any thread, but not from two threads at once.
+//! * A handle may be used from any thread; it serves one call at a time: a
+//!   call on a handle that another thread is using (read-only calls and
+//!   `*_free` included) returns `KFAC_ERR_BUSY` at once, having done
+//!   nothing. Different handles may be used concurrently.
 //!
 //! Modules, one concern each:
 //!

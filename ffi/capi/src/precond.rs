@@ -147,16 +147,55 @@ pub(crate) unsafe fn with_ref<U>(
 ///
 /// # Safety
 /// `out` non-NULL and writable.
-pub(crate) unsafe fn publish(p: Preconditioner, out: *mut *mut KfacPrecond) {
+pub(crate) unsafe fn publish(p: Preconditioner, out: *mut *mut KfacPrecond) -> R<()> {
     // SAFETY: forwarded contract.
     unsafe { handle::publish(KfacPrecond { inner: p }, out) }
 }
 
-/// Creates a preconditioner. `comm` may be NULL (single process); otherwise
-/// the preconditioner takes over the communicator's connection (the `comm`
-/// handle must still be freed with `kfac_comm_free`, and cannot be passed to
-/// another preconditioner). `config` is read as described at `KfacConfig`
-/// (`struct_size`); an invalid field is `KFAC_ERR_INVALID_ARGUMENT`.
+/// Publishes `p` with the connection of `comm` (NULL: single process) and
+/// writes the handle to `*out`, or, on any failure, leaves `comm` with the
+/// caller as it was and `*out` unwritten (`p` is dropped).
+///
+/// # Safety
+/// `out` non-NULL and writable.
+pub(crate) unsafe fn publish_with_comm(
+    p: Preconditioner,
+    comm: *mut KfacComm,
+    out: *mut *mut KfacPrecond,
+) -> R<()> {
+    // The handle first (its only failure, running out of handle values,
+    // comes before the communicator is touched), then the connection.
+    let mut h: *mut KfacPrecond = std::ptr::null_mut();
+    // SAFETY: `h` is a writable local.
+    unsafe { publish(p, &mut h) }?;
+    // SAFETY: forwarded contract.
+    let taken = unsafe { comm::take(comm) };
+    let moved = taken.and_then(|c| {
+        // SAFETY: `h` was just published and is not known to the caller.
+        unsafe {
+            with_mut(h, |pc| {
+                pc.set_communicator(c);
+                Ok(())
+            })
+        }
+    });
+    if let Err(e) = moved {
+        // SAFETY: `h` is ours; nobody else has seen it.
+        let _ = unsafe { kfac_precond_free(h) };
+        return Err(e);
+    }
+    // SAFETY: the caller's contract.
+    unsafe { out.write(h) };
+    Ok(())
+}
+
+/// Creates a preconditioner. `comm` may be NULL (single process); otherwise,
+/// on success only, the preconditioner takes over the communicator's
+/// connection (the `comm` handle must still be freed with `kfac_comm_free`,
+/// and cannot be passed to another preconditioner). On any failure `comm`
+/// is untouched: still usable, still the caller's to free. `config` is read
+/// as described at `KfacConfig` (`struct_size`); an invalid field is
+/// `KFAC_ERR_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `config` NULL or `config->struct_size` readable bytes; `comm` NULL or a
@@ -171,17 +210,15 @@ pub unsafe extern "C" fn kfac_precond_create(
         non_null(out, "out")?;
         // SAFETY: forwarded contract.
         let cfg = unsafe { read_config(config) }?;
-        // SAFETY: forwarded contract.
-        let c = unsafe { comm::take(comm) }?;
-        let p = Preconditioner::with_communicator(cfg, c)?;
+        let p = Preconditioner::new(cfg)?;
         // SAFETY: checked non-NULL; writable by contract.
-        unsafe { publish(p, out) };
-        Ok(())
+        unsafe { publish_with_comm(p, comm, out) }
     })
 }
 
 /// Frees a preconditioner (also a poisoned one). NULL is a no-op; a freed
-/// handle is refused.
+/// handle is refused (`KFAC_ERR_INVALID_HANDLE`), one in use by a call on
+/// another thread too (`KFAC_ERR_BUSY`; it stays live).
 ///
 /// # Safety
 /// `p` NULL or a handle from `kfac_precond_create`/`kfac_load`.

@@ -67,6 +67,11 @@ pub enum KfacStatus {
     /// The system refused a resource (a thread pool could not be built:
     /// `kfac_precond_create`, `kfac_load`).
     KFAC_ERR_RESOURCE = 12,
+    /// The handle is in use by a call on another thread (any call taking a
+    /// handle, `kfac_*_free` included; nothing was done, retry later). A
+    /// handle serves one call at a time, read-only calls included; calls on
+    /// different handles run concurrently.
+    KFAC_ERR_BUSY = 13,
 }
 
 use KfacStatus::*;
@@ -74,7 +79,7 @@ use KfacStatus::*;
 impl KfacStatus {
     /// The status with code `code`, if there is one.
     pub fn from_code(code: i32) -> Option<KfacStatus> {
-        const ALL: [KfacStatus; 13] = [
+        const ALL: [KfacStatus; 14] = [
             KFAC_OK,
             KFAC_ERR_NULL,
             KFAC_ERR_INVALID_ARGUMENT,
@@ -88,6 +93,7 @@ impl KfacStatus {
             KFAC_ERR_INVALID_HANDLE,
             KFAC_ERR_PANIC,
             KFAC_ERR_RESOURCE,
+            KFAC_ERR_BUSY,
         ];
         usize::try_from(code).ok().and_then(|i| ALL.get(i)).copied()
     }
@@ -127,6 +133,7 @@ impl KfacStatus {
             }
             KFAC_ERR_PANIC => c"KFAC_ERR_PANIC: an internal panic was caught",
             KFAC_ERR_RESOURCE => c"KFAC_ERR_RESOURCE: the system refused a resource",
+            KFAC_ERR_BUSY => c"KFAC_ERR_BUSY: the handle is in use by another thread",
         }
     }
 }

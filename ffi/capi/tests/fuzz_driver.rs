@@ -3,7 +3,9 @@
 //! byte strings decoded into call sequences, and every saved regression
 //! input in `fuzz/regressions/`. The driver asserts that no panic crosses
 //! the boundary, that every failure carries a message and that freed
-//! handles are refused; a crash or hang fails the test.
+//! handles are refused (uses and double frees of any handle freed earlier
+//! in the run, also after new handles were created); a crash or hang fails
+//! the test.
 
 #[path = "../../../fuzz/driver.rs"]
 mod driver;
@@ -123,9 +125,11 @@ fn random_inputs_reach_successful_steps_and_reloads() {
         total.steps += r.steps;
         total.reloads += r.reloads;
         total.errors += r.errors;
+        total.stale += r.stale;
     }
     eprintln!("{total:?}");
     assert!(total.observed >= 50, "{total:?}");
     assert!(total.steps >= 20, "{total:?}");
     assert!(total.reloads >= 20, "{total:?}");
+    assert!(total.stale >= 20, "{total:?}");
 }

@@ -641,6 +641,7 @@ fn status_strings_name_every_status_and_unknown_values() {
         (KFAC_ERR_INVALID_HANDLE, "KFAC_ERR_INVALID_HANDLE"),
         (KFAC_ERR_PANIC, "KFAC_ERR_PANIC"),
         (KFAC_ERR_RESOURCE, "KFAC_ERR_RESOURCE"),
+        (KFAC_ERR_BUSY, "KFAC_ERR_BUSY"),
     ];
     for (i, (st, name)) in all.iter().enumerate() {
         assert_eq!(*st as i32, i as i32);
@@ -697,7 +698,7 @@ fn struct_size_rules_of_kfac_config() {
     assert_eq!(cur, size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4);
     assert_eq!(
         size_of::<KfacCollectives>(),
-        2 * size_of::<usize>() + 8 + 4 * size_of::<usize>()
+        2 * size_of::<usize>() + 8 + 4 * size_of::<usize>() + 8
     );
     // SAFETY: every pointer below has the size passed with it (or the
     // struct_size is refused before anything past it is read or written).
