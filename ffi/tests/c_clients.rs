@@ -84,11 +84,33 @@ fn header_compiles_as_strict_c99_and_cpp17() {
 }
 
 /// A fresh directory per call (tests run in parallel and build the same
-/// clients).
+/// clients), under `<target>/tmp/c_clients-<pid>` rather than `/tmp`: an
+/// installed prefix holds the debug libkfac (hundreds of MB), so the first
+/// call removes what earlier runs, whose process is gone, left behind.
 fn tempdir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        if let Ok(entries) = std::fs::read_dir(root) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("c_clients-"))
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        root.join(format!("c_clients-{}", std::process::id()))
+    });
     let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("kfac-ffi-{tag}-{}-{k}", std::process::id()));
+    let d = base.join(format!("{tag}-{k}"));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
