@@ -76,28 +76,34 @@ fn mat64(rng: &mut Rng, r: usize, c: usize) -> Mat<f64> {
 }
 
 /// A random orthogonal matrix (modified Gram-Schmidt on a random matrix, in
-/// f64).
+/// f64). Each column is orthogonalized twice: one pass loses orthogonality
+/// by about `eps / norm` when a column is nearly in the span of the earlier
+/// ones, and the references below assume `Q^T Q = I` to a few ulps
+/// ("twice is enough", Giraud et al. 2005).
 fn orthogonal(rng: &mut Rng, n: usize) -> Mat<f64> {
-    let mut q = Mat::<f64>::from_fn(n, n, |_, _| 2.0 * rng.unit() - 1.0 + 1e-3);
-    for j in 0..n {
-        for k in 0..j {
-            let d: f64 = (0..n).map(|i| q[(i, j)] * q[(i, k)]).sum();
+    'draw: loop {
+        let mut q = Mat::<f64>::from_fn(n, n, |_, _| 2.0 * rng.unit() - 1.0 + 1e-3);
+        for j in 0..n {
+            for _pass in 0..2 {
+                for k in 0..j {
+                    let d: f64 = (0..n).map(|i| q[(i, j)] * q[(i, k)]).sum();
+                    for i in 0..n {
+                        q[(i, j)] -= d * q[(i, k)];
+                    }
+                }
+            }
+            let nrm = (0..n).map(|i| q[(i, j)] * q[(i, j)]).sum::<f64>().sqrt();
+            if nrm < 1e-3 {
+                // Nearly dependent columns: draw again rather than patch a
+                // column in that would not be orthogonal to the others.
+                continue 'draw;
+            }
             for i in 0..n {
-                q[(i, j)] -= d * q[(i, k)];
+                q[(i, j)] /= nrm;
             }
         }
-        let nrm = (0..n).map(|i| q[(i, j)] * q[(i, j)]).sum::<f64>().sqrt();
-        if nrm < 1e-8 {
-            for i in 0..n {
-                q[(i, j)] = if i == j { 1.0 } else { 0.0 };
-            }
-            continue;
-        }
-        for i in 0..n {
-            q[(i, j)] /= nrm;
-        }
+        return q;
     }
-    q
 }
 
 fn buf(req: StackReq) -> MemBuffer {
