@@ -152,18 +152,31 @@ impl StructSize {
 unsafe fn sized_config(size: Option<StructSize>) -> (Box<WithTail<KfacConfig>>, bool) {
     use std::mem::size_of;
     let cur = size_of::<KfacConfig>();
-    let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur, &[]));
+    // The layout before `memory_budget` (a u64 appended).
+    let older = [cur - 8];
+    let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur, &older));
     // SAFETY: all-zero is a valid KfacConfig (integers and floats).
     let zero = unsafe { std::mem::zeroed::<KfacConfig>() };
     let mut w = Box::new(WithTail {
         v: zero,
         tail: [0xa5; TAIL],
     });
+    // A field an older layout does not have: must not be written then.
+    w.v.memory_budget = u64::MAX;
     // The writer: the documented fields, zeros past them, or nothing.
     // SAFETY: `w` has `cur + TAIL` writable bytes, and `n` is at most that
     // unless it exceeds KFAC_MAX_STRUCT_SIZE (refused before any write).
     let st = unsafe { kfac_config_default(&mut w.v, n) };
-    if n >= cur && n <= cur + TAIL {
+    if older.contains(&n) {
+        assert_eq!(st, KfacStatus::KFAC_OK);
+        assert_eq!(w.v.struct_size, n);
+        assert_eq!(
+            w.v.memory_budget,
+            u64::MAX,
+            "wrote past an older struct_size"
+        );
+        assert!(w.tail.iter().all(|&b| b == 0xa5), "wrote past struct_size");
+    } else if n >= cur && n <= cur + TAIL {
         assert_eq!(st, KfacStatus::KFAC_OK);
         assert_eq!(w.v.struct_size, n);
         assert!(w.tail[..n - cur].iter().all(|&b| b == 0), "tail not zeroed");

@@ -115,6 +115,12 @@ typedef enum {
   // handle serves one call at a time, read-only calls included; calls on
   // different handles run concurrently.
   KFAC_ERR_BUSY = 13,
+  // Memory could not be allocated, or the preconditioner's memory budget
+  // (`KfacConfig.memory_budget`) would be exceeded; the message gives the
+  // bytes needed. Nothing was changed and the handle stays usable (for a
+  // step: the statistics observed since the last step were discarded,
+  // the previous factors and decompositions stay in use).
+  KFAC_ERR_NO_MEMORY = 14,
 } KfacStatus;
 
 // Element type of a reduction in a [`KfacCollectives`] callback.
@@ -219,6 +225,15 @@ typedef struct {
   uint32_t ignore_conv_dilation;
   // Must be 0 (keeps the struct free of padding; a later field).
   uint32_t reserved;
+  // Bytes the preconditioner may hold; 0 (default): no limit. Charged:
+  // each layer's factors, accumulators and decompositions at full size
+  // when it is registered, the inversion scratch of every worker thread
+  // for the largest factor, and kernel scratch as observations of larger
+  // batches grow it. A registration or observation beyond it returns
+  // `KFAC_ERR_NO_MEMORY` (the message gives the bytes needed) and changes
+  // nothing. Not stored in checkpoints. Appended after the first
+  // layout: a caller whose header predates it gets 0.
+  uint64_t memory_budget;
 } KfacConfig;
 
 // Caller-provided collectives, so that K-FAC's communication goes through

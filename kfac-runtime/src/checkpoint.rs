@@ -161,13 +161,15 @@ impl Preconditioner {
         };
         let nl = r.u32("layer count")? as usize;
         let mut layers = Vec::new();
+        // Checkpoints store no budget: the loaded state is only counted.
+        let budget = std::sync::Arc::new(crate::mem::MemBudget::new(None));
         for li in 0..nl {
             let name = r.str("layer name")?;
             let kind = read_kind(&mut r)?;
             kind.validate(&name)
                 .map_err(|e| Error::checkpoint(format!("layer {li}: {e}")))?;
             let excluded = r.bool("excluded flag")?;
-            let mut l = LayerState::new(name, kind, excluded, config.compat)?;
+            let mut l = LayerState::new(name, kind, excluded, config.compat, &budget)?;
             let a = r.factor("factor A")?;
             let g = r.factor("factor G")?;
             let acc_a = r.factor("accumulator A")?;
@@ -273,6 +275,7 @@ impl Preconditioner {
         }
         let mut p = Preconditioner::from_parts(
             config,
+            budget,
             layers,
             steps,
             factor_updates,

@@ -157,9 +157,12 @@ impl<'a> R<'a> {
     pub(crate) fn f32s(&mut self, what: &str) -> Result<Vec<f32>> {
         let n = self.len(what, 4)?;
         let s = self.take(n * 4, what)?;
-        Ok(s.chunks_exact(4)
-            .map(|c| f32::from_bits(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect())
+        let mut out = crate::mem::with_capacity(n, what)?;
+        out.extend(
+            s.chunks_exact(4)
+                .map(|c| f32::from_bits(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        );
+        Ok(out)
     }
     pub(crate) fn mat(&mut self, what: &str) -> Result<Mat<f32>> {
         let r = self.usize(what)?;
@@ -174,10 +177,10 @@ impl<'a> R<'a> {
                 Error::checkpoint(format!("{what}: {r}x{c} matrix exceeds the payload"))
             })?;
         let s = self.take(n * 4, what)?;
-        Ok(Mat::from_fn(r, c, |i, j| {
+        crate::mem::from_fn(r, c, what, |i, j| {
             let k = 4 * (i + j * r);
             f32::from_bits(u32::from_le_bytes([s[k], s[k + 1], s[k + 2], s[k + 3]]))
-        }))
+        })
     }
     pub(crate) fn factor(&mut self, what: &str) -> Result<Factor> {
         match self.u8(what)? {
@@ -307,6 +310,7 @@ pub(crate) fn read_config(r: &mut R<'_>, version: u32) -> Result<Config> {
         grad_worker_fraction,
         wire,
         ignore_conv_dilation,
+        memory_budget: None,
     };
     c.validate()
         .map_err(|e| Error::checkpoint(format!("stored configuration is invalid: {e}")))?;

@@ -185,6 +185,15 @@ pub struct Config {
     /// for reproducing kfac-pytorch's numbers; honoured dilation (the
     /// default, false) is correct in both compat modes.
     pub ignore_conv_dilation: bool,
+    /// Bytes this preconditioner may hold (`None`, the default: no limit).
+    /// Charged: each layer's factors, accumulators and decompositions at
+    /// their full size when it is registered (or loaded), the inversion
+    /// scratch of every pool thread for the largest factor, and kernel
+    /// scratch as it grows (an observation of a larger batch). A
+    /// registration or observation that would exceed it fails with
+    /// [`Error::MemoryBudget`] and changes nothing. Not stored in
+    /// checkpoints, and ranks may differ.
+    pub memory_budget: Option<usize>,
 }
 
 impl Default for Config {
@@ -205,6 +214,7 @@ impl Default for Config {
             grad_worker_fraction: 1.0,
             wire: WirePrecision::F32,
             ignore_conv_dilation: false,
+            memory_budget: None,
         }
     }
 }
@@ -295,6 +305,12 @@ impl Config {
             return Err(Error::InvalidConfig {
                 field: "threads",
                 reason: format!("{} threads is unreasonable (max 4096)", self.threads),
+            });
+        }
+        if self.memory_budget == Some(0) {
+            return Err(Error::InvalidConfig {
+                field: "memory_budget",
+                reason: "a budget of 0 bytes admits nothing (None for no limit)".into(),
             });
         }
         Ok(())

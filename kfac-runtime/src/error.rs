@@ -113,13 +113,28 @@ pub enum Error {
         /// The failure.
         cause: Box<Error>,
     },
-    /// Memory for the state or for kernel scratch could not be allocated;
-    /// nothing was changed.
+    /// Memory for the state, a decomposition, a step buffer or kernel
+    /// scratch could not be allocated; nothing was changed (see
+    /// [`Error::StatisticsDiscarded`] for a step).
     OutOfMemory {
-        /// What was being allocated.
-        what: &'static str,
+        /// What was being allocated (with the layer's name where there is
+        /// one).
+        what: String,
         /// Bytes requested.
         bytes: usize,
+    },
+    /// The allocation would exceed the preconditioner's memory budget
+    /// ([`Config::memory_budget`](crate::Config::memory_budget)); nothing
+    /// was changed.
+    MemoryBudget {
+        /// What needs the memory (with the layer's name).
+        what: String,
+        /// Bytes it needs.
+        needed: usize,
+        /// Bytes already charged to the budget.
+        in_use: usize,
+        /// The budget.
+        budget: usize,
     },
     /// Another rank failed its part of a distributed step after
     /// communication had begun; every rank returns this (the failing rank
@@ -166,8 +181,11 @@ pub enum ErrorKind {
     PeerFailed,
     /// A checkpoint was refused.
     Checkpoint,
-    /// A resource could not be had (memory, the thread pool).
+    /// A resource other than memory could not be had (the thread pool).
     Resource,
+    /// Memory could not be allocated, or the memory budget would be
+    /// exceeded.
+    OutOfMemory,
 }
 
 impl ErrorKind {
@@ -184,6 +202,7 @@ impl ErrorKind {
             ErrorKind::PeerFailed => "peer_failed",
             ErrorKind::Checkpoint => "checkpoint",
             ErrorKind::Resource => "resource",
+            ErrorKind::OutOfMemory => "out_of_memory",
         }
     }
 
@@ -194,7 +213,7 @@ impl ErrorKind {
 
     /// Inverse of [`code`](Self::code); an unknown code reads as `Comm`.
     pub(crate) fn from_code(c: u8) -> ErrorKind {
-        const ALL: [ErrorKind; 10] = [
+        const ALL: [ErrorKind; 11] = [
             ErrorKind::InvalidArgument,
             ErrorKind::Shape,
             ErrorKind::NonFinite,
@@ -205,6 +224,7 @@ impl ErrorKind {
             ErrorKind::PeerFailed,
             ErrorKind::Checkpoint,
             ErrorKind::Resource,
+            ErrorKind::OutOfMemory,
         ];
         ALL.get((c as usize).wrapping_sub(1))
             .copied()
@@ -243,7 +263,8 @@ impl Error {
             | Error::LayersFrozen => ErrorKind::State,
             Error::Checkpoint { .. } => ErrorKind::Checkpoint,
             Error::Comm(_) | Error::Distributed { .. } => ErrorKind::Comm,
-            Error::ThreadPool { .. } | Error::OutOfMemory { .. } => ErrorKind::Resource,
+            Error::ThreadPool { .. } => ErrorKind::Resource,
+            Error::OutOfMemory { .. } | Error::MemoryBudget { .. } => ErrorKind::OutOfMemory,
             Error::NonFinite { .. } | Error::Overflow { .. } => ErrorKind::NonFinite,
             Error::RankFailed { .. } => ErrorKind::PeerFailed,
             Error::StatisticsDiscarded { cause } => cause.kind(),
@@ -319,6 +340,16 @@ impl fmt::Display for Error {
             Error::OutOfMemory { what, bytes } => {
                 write!(f, "out of memory: {what} needs {bytes} bytes")
             }
+            Error::MemoryBudget {
+                what,
+                needed,
+                in_use,
+                budget,
+            } => write!(
+                f,
+                "memory budget exceeded: {what} needs {needed} bytes, \
+                 {in_use} of the budget of {budget} bytes are in use"
+            ),
             Error::NonFinite { layer, what } => write!(f, "layer '{layer}': {what} is not finite (NaN/Inf)"),
             Error::RankFailed { rank, kind, cause } => {
                 write!(f, "rank {rank} failed its part of the step ({kind}): {cause}")

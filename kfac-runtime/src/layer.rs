@@ -185,9 +185,10 @@ impl LayerKind {
         // an error naming the bytes, not an allocation abort.
         let mut probe: Vec<u8> = Vec::new();
         if probe.try_reserve_exact(bytes).is_err() {
-            return Err(bad(&format!(
-                "its state needs {bytes} bytes, which cannot be allocated"
-            )));
+            return Err(crate::mem::oom(
+                &format!("layer '{name}': state (factors, decompositions, gradient work space)"),
+                bytes,
+            ));
         }
         Ok(())
     }

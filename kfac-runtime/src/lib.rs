@@ -34,6 +34,7 @@ mod error;
 mod exchange;
 mod inspect;
 mod layer;
+mod mem;
 mod observe;
 mod preconditioner;
 mod state;

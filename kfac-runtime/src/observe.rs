@@ -5,6 +5,7 @@
 //! a layer's accumulator. No communication here: statistics are summed
 //! across ranks by the step's factor phase.
 
+use faer::dyn_stack::StackReq;
 use faer::{MatMut, Par};
 use kfac_kernels::check::{self, FiniteImage, FiniteMat};
 use kfac_kernels::conv::{self, Conv2dGeometry, ConvNormalization, ImageRef};
@@ -351,6 +352,34 @@ fn syrk(
     scratch.with(req, |stack| {
         factor::syrk_update_prechecked(dense(c), alpha, beta, x, bias, Par::Seq, stack)
             .map_err(kerr(name))
+    })
+}
+
+/// The kernel scratch accumulating `obs` needs (so that
+/// [`observe_all`](crate::Preconditioner::observe_all) can grow every
+/// layer's scratch before it writes any accumulator).
+pub(crate) fn scratch_need(l: &LayerState, obs: &Checked<'_>) -> Result<StackReq> {
+    Ok(match obs {
+        Checked::Linear { x, g } => {
+            let (n, d) = (x.get().nrows(), x.get().ncols());
+            StackReq::any_of(&[
+                factor::syrk_update_scratch::<f32>(n, d, l.kind.has_bias(), Par::Seq),
+                factor::syrk_update_scratch::<f32>(
+                    g.get().nrows(),
+                    g.get().ncols(),
+                    false,
+                    Par::Seq,
+                ),
+            ])
+        }
+        Checked::Conv2d { geom, .. } => {
+            let bias = matches!(l.kind, LayerKind::Conv2d(spec) if spec.bias);
+            conv::conv2d_a_update_scratch::<f32>(geom, bias).map_err(kerr(&l.name))?
+        }
+        Checked::Embedding { g, .. } => {
+            factor::syrk_update_scratch::<f32>(g.get().nrows(), g.get().ncols(), false, Par::Seq)
+        }
+        Checked::Kronecker { .. } => StackReq::EMPTY,
     })
 }
 

@@ -4,6 +4,7 @@
 //! the math lives in kfac-kernels, the collectives in `exchange`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faer::prelude::ReborrowMut;
@@ -12,8 +13,11 @@ use rayon::prelude::*;
 use crate::comm::{Communicator, Local};
 use crate::config::{Config, Schedule};
 use crate::layer::{LayerGrad, LayerId, LayerKind, Observation};
-use crate::observe::{accumulate, observe_layer, validate_observation, Checked, ObserveMode};
-use crate::state::{LayerState, Scratch};
+use crate::mem::MemBudget;
+use crate::observe::{
+    accumulate, observe_layer, scratch_need, validate_observation, Checked, ObserveMode,
+};
+use crate::state::{inversion_bytes, planned_bytes, LayerState, Scratch};
 use crate::stats::StepStats;
 use crate::{Error, Result};
 
@@ -39,6 +43,11 @@ pub struct Preconditioner {
     /// later inversion (bounded by `(threads + 1)` x the scratch of the
     /// largest factor).
     pub(crate) inv_scratch: Vec<Scratch>,
+    /// The memory budget ([`Config::memory_budget`]) and what is charged.
+    pub(crate) budget: Arc<MemBudget>,
+    /// Bytes charged for the inversion scratch (every pool thread plus
+    /// one, at the largest factor).
+    pub(crate) inv_charged: usize,
     /// Time in `observe` since the last step (reported with the step).
     pub(crate) observe_time: Duration,
     /// Time in collectives outside `step` (gradient averaging) since the
@@ -70,8 +79,9 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
 
 /// Empty inversion scratch for each thread of `pool`, plus one.
 fn inv_scratch(pool: &rayon::ThreadPool) -> Result<Vec<Scratch>> {
+    // Charged in advance, at registration (`charge_layer`).
     (0..=pool.current_num_threads())
-        .map(|_| Scratch::new(faer::dyn_stack::StackReq::EMPTY))
+        .map(|_| Scratch::new(faer::dyn_stack::StackReq::EMPTY, None))
         .collect()
 }
 
@@ -83,11 +93,48 @@ impl Preconditioner {
     /// [`Error::ThreadPool`] if the pool cannot be built.
     pub fn new(config: Config) -> Result<Self> {
         let (damping, lr) = (config.damping.at(0), config.lr.at(0));
-        Self::from_parts(config, Vec::new(), 0, 0, damping, lr, 1.0)
+        let budget = Arc::new(MemBudget::new(config.memory_budget));
+        Self::from_parts(config, budget, Vec::new(), 0, 0, damping, lr, 1.0)
     }
 
+    /// Charges the budget for a layer of `kind`, given the layers already
+    /// charged (`existing`): its planned state, and the growth of the
+    /// inversion scratch reserve when it has the largest factor so far.
+    /// Returns `(layer bytes, new inversion reserve)`.
+    ///
+    /// # Errors
+    /// [`Error::MemoryBudget`] (nothing charged).
+    pub(crate) fn charge_layer<'a>(
+        config: &Config,
+        budget: &MemBudget,
+        name: &str,
+        kind: &LayerKind,
+        existing: impl Iterator<Item = &'a LayerKind>,
+        inv_charged: usize,
+        threads: usize,
+    ) -> Result<(usize, usize)> {
+        let dense = |k: &LayerKind| {
+            let (d_out, d) = k.dims();
+            if k.diagonal_a() {
+                d_out
+            } else {
+                d_out.max(d)
+            }
+        };
+        let largest = existing.map(dense).chain([dense(kind)]).max().unwrap_or(0);
+        let reserve = inversion_bytes(largest, config).saturating_mul(threads + 1);
+        let grow = reserve.saturating_sub(inv_charged);
+        let mine = planned_bytes(kind, config);
+        let what =
+            format!("layer '{name}' (factors, accumulators, decompositions and inversion scratch)");
+        budget.charge(mine.saturating_add(grow), &what)?;
+        Ok((mine, inv_charged.max(reserve)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
         config: Config,
+        budget: Arc<MemBudget>,
         layers: Vec<LayerState>,
         steps: u64,
         factor_updates: u64,
@@ -102,6 +149,19 @@ impl Preconditioner {
             .enumerate()
             .map(|(i, l)| (l.name.clone(), i))
             .collect();
+        let mut inv_charged = 0;
+        for (i, l) in layers.iter().enumerate() {
+            let (_, reserve) = Self::charge_layer(
+                &config,
+                &budget,
+                &l.name,
+                &l.kind,
+                layers[..i].iter().map(|l| &l.kind),
+                inv_charged,
+                pool.current_num_threads(),
+            )?;
+            inv_charged = reserve;
+        }
         Ok(Self {
             config,
             layers,
@@ -112,6 +172,8 @@ impl Preconditioner {
             lr_now,
             grad_scale,
             inv_scratch: inv_scratch(&pool)?,
+            budget,
+            inv_charged,
             pool,
             observe_time: Duration::ZERO,
             comm_time: Duration::ZERO,
@@ -201,7 +263,30 @@ impl Preconditioner {
         kind.validate(name)?;
         let excluded = self.config.exclude.iter().any(|e| e == name);
         let id = self.layers.len();
-        let layer = LayerState::new(name.to_string(), kind, excluded, self.config.compat)?;
+        let (mine, reserve) = Self::charge_layer(
+            &self.config,
+            &self.budget,
+            name,
+            &kind,
+            self.layers.iter().map(|l| &l.kind),
+            self.inv_charged,
+            self.pool.current_num_threads(),
+        )?;
+        let charged = mine + (reserve - self.inv_charged);
+        let layer = match LayerState::new(
+            name.to_string(),
+            kind,
+            excluded,
+            self.config.compat,
+            &self.budget,
+        ) {
+            Ok(l) => l,
+            Err(e) => {
+                self.budget.release(charged);
+                return Err(e);
+            }
+        };
+        self.inv_charged = reserve;
         self.layers.push(layer);
         self.names.insert(name.to_string(), id);
         log::debug!("kfac: registered layer {id} '{name}'");
@@ -354,6 +439,14 @@ impl Preconditioner {
         });
         // The first error in the caller's order, whatever finished first.
         let checked: Vec<Checked<'_>> = checked.into_iter().collect::<Result<_>>()?;
+        // Every layer's kernel scratch grown first (the only allocation of
+        // accumulating, and it may fail): an error leaves every
+        // accumulator as it was.
+        for (l, k) in self.layers.iter().zip(&slot) {
+            if let Some(k) = k {
+                l.scratch.reserve(scratch_need(l, &checked[*k])?)?;
+            }
+        }
         self.pool.install(|| {
             self.layers
                 .par_iter_mut()
@@ -375,6 +468,29 @@ impl Preconditioner {
     /// Bytes of state held (factors, accumulators, inverse caches).
     pub fn state_bytes(&self) -> usize {
         self.layers.iter().map(|l| l.bytes()).sum()
+    }
+
+    /// Bytes charged to the memory budget: every layer's planned state,
+    /// the inversion scratch reserve and kernel scratch (see
+    /// [`Config::memory_budget`]). Counted with or without a budget.
+    ///
+    /// ```
+    /// use kfac_runtime::{Config, LayerKind, Preconditioner};
+    /// let cfg = Config { memory_budget: Some(1 << 20), ..Config::default() };
+    /// let mut p = Preconditioner::new(cfg).unwrap();
+    /// p.register("fc", LayerKind::Linear { in_features: 32, out_features: 16, bias: true }).unwrap();
+    /// assert!(p.memory_charged() > 0 && p.memory_charged() <= 1 << 20);
+    /// // A layer whose state cannot fit is refused, with the bytes it needs.
+    /// let e = p.register("big", LayerKind::Linear { in_features: 4096, out_features: 16, bias: false });
+    /// assert!(e.unwrap_err().to_string().contains("memory budget exceeded"));
+    /// ```
+    pub fn memory_charged(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// The memory budget ([`Config::memory_budget`]); `None`: no limit.
+    pub fn memory_budget(&self) -> Option<usize> {
+        self.budget.limit()
     }
 
     /// Averages gradients across ranks (`sum / P`) in place, for training

@@ -2,15 +2,17 @@
 //! and the per-factor result of an inversion. Plain data: no I/O, no
 //! communication (those live in `exchange`, `step` and `checkpoint`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::{Mat, Par};
 use kfac_kernels::{eigen, inverse};
 
 use crate::config::Compat;
+use crate::config::{Config, Method, Precision};
 use crate::layer::LayerKind;
-use crate::{Error, Result};
+use crate::mem::{self, MemBudget};
+use crate::Result;
 
 /// Reusable kernel scratch: one buffer, grown (never shrunk) to the largest
 /// request seen, so steady-state steps allocate no scratch. Locked per use:
@@ -18,17 +20,33 @@ use crate::{Error, Result};
 /// thread), so the lock is uncontended.
 pub(crate) struct Scratch {
     inner: Mutex<(StackReq, MemBuffer)>,
+    /// The budget its bytes are charged to (`None`: charged in advance by
+    /// the owner, as the inversion scratch is).
+    budget: Option<(Arc<MemBudget>, String)>,
 }
 
 impl Scratch {
-    /// A buffer for `req`.
+    /// A buffer for `req`, charged to `budget` (with `what` naming it).
     ///
     /// # Errors
-    /// [`Error::OutOfMemory`] if it cannot be allocated.
-    pub(crate) fn new(req: StackReq) -> Result<Self> {
-        Ok(Self {
-            inner: Mutex::new((req, alloc(req)?)),
-        })
+    /// [`Error::OutOfMemory`] if it cannot be allocated,
+    /// [`Error::MemoryBudget`] if the budget refuses it.
+    pub(crate) fn new(req: StackReq, budget: Option<(Arc<MemBudget>, String)>) -> Result<Self> {
+        if let Some((b, what)) = &budget {
+            b.charge(req.size_bytes(), what)?;
+        }
+        match alloc(req) {
+            Ok(buf) => Ok(Self {
+                inner: Mutex::new((req, buf)),
+                budget,
+            }),
+            Err(e) => {
+                if let Some((b, _)) = &budget {
+                    b.release(req.size_bytes());
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Runs `f` on a stack of at least `req`, growing the buffer first if
@@ -47,10 +65,33 @@ impl Scratch {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let need = g.0.or(req);
         if need != g.0 {
-            g.1 = alloc(need)?;
-            g.0 = need;
+            let (old, new) = (g.0.size_bytes(), need.size_bytes());
+            let grow = new.saturating_sub(old);
+            if let Some((b, what)) = &self.budget {
+                b.charge(grow, what)?;
+            }
+            match alloc(need) {
+                Ok(buf) => {
+                    g.1 = buf;
+                    g.0 = need;
+                }
+                Err(e) => {
+                    if let Some((b, _)) = &self.budget {
+                        b.release(grow);
+                    }
+                    return Err(e);
+                }
+            }
         }
         f(MemStack::new(&mut g.1))
+    }
+
+    /// Grows the buffer to at least `req` now.
+    ///
+    /// # Errors
+    /// As [`with`](Self::with).
+    pub(crate) fn reserve(&self, req: StackReq) -> Result<()> {
+        self.with(req, |_| Ok(()))
     }
 
     /// Bytes held.
@@ -79,10 +120,51 @@ pub(crate) fn precondition_scratch(d_out: usize, d: usize) -> StackReq {
 }
 
 fn alloc(req: StackReq) -> Result<MemBuffer> {
-    MemBuffer::try_new(req).map_err(|_| Error::OutOfMemory {
-        what: "kernel scratch",
-        bytes: req.size_bytes(),
-    })
+    MemBuffer::try_new(req).map_err(|_| mem::oom("kernel scratch", req.size_bytes()))
+}
+
+/// The inversion scratch one pool thread needs for a dense factor of
+/// order `n` (kernel scratch, plus the f64 copies of an f64
+/// eigendecomposition and the f32 result), in bytes.
+pub(crate) fn inversion_bytes(n: usize, config: &Config) -> usize {
+    let par = Par::Seq;
+    let nn = n.saturating_mul(n);
+    match config.method {
+        Method::Eigen => match config.eigen_precision {
+            Precision::F32 => eigen::sym_eigen_scratch::<f32>(n, par).size_bytes(),
+            Precision::F64 => eigen::sym_eigen_scratch::<f64>(n, par)
+                .size_bytes()
+                .saturating_add(nn.saturating_mul(16)),
+        },
+        Method::Inverse => inverse::damped_inverse_scratch::<f32>(n, par).size_bytes(),
+    }
+}
+
+/// Bytes a layer's state will hold once it has been inverted: factors,
+/// accumulators and the decompositions or inverses (scratch is charged
+/// separately, as it is allocated).
+pub(crate) fn planned_bytes(kind: &LayerKind, config: &Config) -> usize {
+    let (d_out, d) = kind.dims();
+    let diag = kind.diagonal_a();
+    let sq = |n: usize| n.saturating_mul(n).saturating_mul(4);
+    let a = if diag { d.saturating_mul(4) } else { sq(d) };
+    let g = sq(d_out);
+    let inv = match config.method {
+        Method::Eigen => {
+            let denom = if config.precompute_denominators {
+                d_out.saturating_mul(d).saturating_mul(4)
+            } else {
+                0
+            };
+            a.saturating_add(g)
+                .saturating_add((d + d_out).saturating_mul(4))
+                .saturating_add(denom)
+        }
+        Method::Inverse => a.saturating_add(g),
+    };
+    // Factors and accumulators, the decompositions, and the new factors a
+    // step builds before it replaces the old ones.
+    a.saturating_add(g).saturating_mul(3).saturating_add(inv)
 }
 
 /// One registered layer.
@@ -103,33 +185,52 @@ pub(crate) struct LayerState {
 
 impl LayerState {
     /// # Errors
-    /// [`Error::OutOfMemory`] if the scratch cannot be allocated.
+    /// [`Error::OutOfMemory`] if the factors or the scratch cannot be
+    /// allocated (the message names the layer and the bytes),
+    /// [`Error::MemoryBudget`] if the budget refuses the scratch.
     pub(crate) fn new(
         name: String,
         kind: LayerKind,
         excluded: bool,
         compat: Compat,
+        budget: &Arc<MemBudget>,
     ) -> Result<Self> {
         let (d_out, d) = kind.dims();
         let diag = kind.diagonal_a();
-        let (a, g) = match compat {
-            Compat::Native => (Factor::zeros(d, diag), Factor::zeros(d_out, false)),
-            Compat::KfacPytorch => (Factor::identity(d, diag), Factor::identity(d_out, false)),
+        let what = |w: &str| format!("layer '{name}': {w}");
+        let alloc_all = || -> Result<_> {
+            let (a, g) = match compat {
+                Compat::Native => (
+                    Factor::try_zeros(d, diag, &what("factor A"))?,
+                    Factor::try_zeros(d_out, false, &what("factor G"))?,
+                ),
+                Compat::KfacPytorch => (
+                    Factor::try_identity(d, diag, &what("factor A"))?,
+                    Factor::try_identity(d_out, false, &what("factor G"))?,
+                ),
+            };
+            let acc = Accumulator {
+                a: Factor::try_zeros(d, diag, &what("accumulator of A"))?,
+                g: Factor::try_zeros(d_out, false, &what("accumulator of G"))?,
+                weight: 0.0,
+                count: 0,
+            };
+            let scratch = Scratch::new(
+                precondition_scratch(d_out, d),
+                Some((budget.clone(), what("kernel scratch"))),
+            )?;
+            Ok((a, g, acc, scratch))
         };
+        let (a, g, acc, scratch) = alloc_all()?;
         Ok(Self {
             name,
             kind,
             excluded,
             a,
             g,
-            acc: Accumulator {
-                a: Factor::zeros(d, diag),
-                g: Factor::zeros(d_out, false),
-                weight: 0.0,
-                count: 0,
-            },
+            acc,
             inv: None,
-            scratch: Scratch::new(precondition_scratch(d_out, d))?,
+            scratch,
         })
     }
 
@@ -161,20 +262,24 @@ pub(crate) enum Factor {
 }
 
 impl Factor {
-    pub(crate) fn zeros(dim: usize, diag: bool) -> Self {
-        if diag {
-            Factor::Diag(vec![0.0; dim])
+    /// # Errors
+    /// [`Error::OutOfMemory`] naming `what`.
+    pub(crate) fn try_zeros(dim: usize, diag: bool, what: &str) -> Result<Self> {
+        Ok(if diag {
+            Factor::Diag(mem::filled(dim, 0.0, what)?)
         } else {
-            Factor::Dense(Mat::zeros(dim, dim))
-        }
+            Factor::Dense(mem::zeros(dim, dim, what)?)
+        })
     }
 
-    pub(crate) fn identity(dim: usize, diag: bool) -> Self {
-        if diag {
-            Factor::Diag(vec![1.0; dim])
+    /// # Errors
+    /// [`Error::OutOfMemory`] naming `what`.
+    pub(crate) fn try_identity(dim: usize, diag: bool, what: &str) -> Result<Self> {
+        Ok(if diag {
+            Factor::Diag(mem::filled(dim, 1.0, what)?)
         } else {
-            Factor::Dense(Mat::identity(dim, dim))
-        }
+            Factor::Dense(mem::identity(dim, what)?)
+        })
     }
 
     pub(crate) fn dim(&self) -> usize {

@@ -317,7 +317,9 @@ fn version_1_checkpoints_still_load() {
         names,
         ["fc1", "fc2", "conv_nchw", "conv_nhwc", "emb", "kron"]
     );
-    // The factors' digest, as golden.txt stores it for this run.
+    // The factors' digest, as golden.txt stored it for this run when the
+    // checkpoint was written (golden.txt was regenerated when faer's
+    // multiply moved from private-gemm-x86 to the gemm crate, #11).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (id, _, _) in p.layers() {
         let (a, g) = p.factors(id).unwrap();
@@ -332,12 +334,7 @@ fn version_1_checkpoints_still_load() {
             }
         }
     }
-    let golden = include_str!("data/golden.txt");
-    let want = golden
-        .lines()
-        .find_map(|l| l.strip_prefix("native_eigen_f64 factors "))
-        .unwrap();
-    assert_eq!(format!("{h:016x}"), want);
+    assert_eq!(format!("{h:016x}"), "4809aed99c134e2d");
     // Saved again, it is version 2 and loads.
     let again = p.save();
     assert_eq!(u32::from_le_bytes(again[8..12].try_into().unwrap()), 2);

@@ -75,18 +75,39 @@ pub struct KfacConfig {
     pub ignore_conv_dilation: u32,
     /// Must be 0 (keeps the struct free of padding; a later field).
     pub reserved: u32,
+    /// Bytes the preconditioner may hold; 0 (default): no limit. Charged:
+    /// each layer's factors, accumulators and decompositions at full size
+    /// when it is registered, the inversion scratch of every worker thread
+    /// for the largest factor, and kernel scratch as observations of larger
+    /// batches grow it. A registration or observation beyond it returns
+    /// `KFAC_ERR_NO_MEMORY` (the message gives the bytes needed) and changes
+    /// nothing. Not stored in checkpoints. Appended after the first
+    /// layout: a caller whose header predates it gets 0.
+    pub memory_budget: u64,
+}
+
+/// The layout of `KfacConfig` before `memory_budget` (frozen; its size is
+/// a released `struct_size`).
+#[repr(C)]
+#[allow(dead_code)]
+struct KfacConfigV1 {
+    struct_size: usize,
+    floats: [f64; 5],
+    steps: [u64; 2],
+    flags: [u32; 8],
 }
 
 // The rules of `extensible` need `struct_size` first and no padding at the
 // end (where a later field could go); the fields above have none at all.
 const _: () = assert!(std::mem::offset_of!(KfacConfig, struct_size) == 0);
-const _: () = assert!(size_of::<KfacConfig>() == size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4);
+const _: () = assert!(size_of::<KfacConfigV1>() == size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4);
+const _: () = assert!(size_of::<KfacConfig>() == size_of::<KfacConfigV1>() + 8);
 
 // SAFETY: repr(C), `struct_size: usize` first, every field an integer or a
 // float (any bits valid).
 unsafe impl Extensible for KfacConfig {
     const NAME: &'static str = "KfacConfig";
-    const SIZES: &'static [usize] = &[size_of::<KfacConfig>()];
+    const SIZES: &'static [usize] = &[size_of::<KfacConfigV1>(), size_of::<KfacConfig>()];
     fn defaults() -> Self {
         // Config::default() has constant schedules and no exclusions.
         KfacConfig::from_runtime(&Config::default()).unwrap_or_else(|| unreachable!())
@@ -140,6 +161,9 @@ impl KfacConfig {
             },
             ignore_conv_dilation: cfg.ignore_conv_dilation as u32,
             reserved: 0,
+            memory_budget: cfg
+                .memory_budget
+                .map_or(Some(0), |b| u64::try_from(b).ok())?,
         })
     }
 
@@ -203,6 +227,10 @@ impl KfacConfig {
                 }
             },
             ignore_conv_dilation: flag(c.ignore_conv_dilation, "ignore_conv_dilation")?,
+            memory_budget: match c.memory_budget {
+                0 => None,
+                b => Some(usize::try_from(b).unwrap_or(usize::MAX)),
+            },
         };
         if c.reserved != 0 {
             return fail(

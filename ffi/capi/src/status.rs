@@ -72,6 +72,12 @@ pub enum KfacStatus {
     /// handle serves one call at a time, read-only calls included; calls on
     /// different handles run concurrently.
     KFAC_ERR_BUSY = 13,
+    /// Memory could not be allocated, or the preconditioner's memory budget
+    /// (`KfacConfig.memory_budget`) would be exceeded; the message gives the
+    /// bytes needed. Nothing was changed and the handle stays usable (for a
+    /// step: the statistics observed since the last step were discarded,
+    /// the previous factors and decompositions stay in use).
+    KFAC_ERR_NO_MEMORY = 14,
 }
 
 use KfacStatus::*;
@@ -79,7 +85,7 @@ use KfacStatus::*;
 impl KfacStatus {
     /// The status with code `code`, if there is one.
     pub fn from_code(code: i32) -> Option<KfacStatus> {
-        const ALL: [KfacStatus; 14] = [
+        const ALL: [KfacStatus; 15] = [
             KFAC_OK,
             KFAC_ERR_NULL,
             KFAC_ERR_INVALID_ARGUMENT,
@@ -94,6 +100,7 @@ impl KfacStatus {
             KFAC_ERR_PANIC,
             KFAC_ERR_RESOURCE,
             KFAC_ERR_BUSY,
+            KFAC_ERR_NO_MEMORY,
         ];
         usize::try_from(code).ok().and_then(|i| ALL.get(i)).copied()
     }
@@ -109,6 +116,7 @@ impl KfacStatus {
             ErrorKind::Comm | ErrorKind::PeerFailed => KFAC_ERR_COMM,
             ErrorKind::Checkpoint => KFAC_ERR_CHECKPOINT,
             ErrorKind::Resource => KFAC_ERR_RESOURCE,
+            ErrorKind::OutOfMemory => KFAC_ERR_NO_MEMORY,
             // `ErrorKind` is `#[non_exhaustive]`; a kind added to the
             // runtime needs a row above (the status test checks every kind
             // the runtime produces through the C functions).
@@ -134,6 +142,7 @@ impl KfacStatus {
             KFAC_ERR_PANIC => c"KFAC_ERR_PANIC: an internal panic was caught",
             KFAC_ERR_RESOURCE => c"KFAC_ERR_RESOURCE: the system refused a resource",
             KFAC_ERR_BUSY => c"KFAC_ERR_BUSY: the handle is in use by another thread",
+            KFAC_ERR_NO_MEMORY => c"KFAC_ERR_NO_MEMORY: out of memory or over the memory budget",
         }
     }
 }

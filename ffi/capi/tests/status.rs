@@ -642,6 +642,7 @@ fn status_strings_name_every_status_and_unknown_values() {
         (KFAC_ERR_PANIC, "KFAC_ERR_PANIC"),
         (KFAC_ERR_RESOURCE, "KFAC_ERR_RESOURCE"),
         (KFAC_ERR_BUSY, "KFAC_ERR_BUSY"),
+        (KFAC_ERR_NO_MEMORY, "KFAC_ERR_NO_MEMORY"),
     ];
     for (i, (st, name)) in all.iter().enumerate() {
         assert_eq!(*st as i32, i as i32);
@@ -695,7 +696,7 @@ fn struct_size_rules_of_kfac_config() {
     let cur = size_of::<KfacConfig>();
     // No padding anywhere (so none at the end for a future field to use):
     // the fields' sizes add up to the struct's.
-    assert_eq!(cur, size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4);
+    assert_eq!(cur, size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4 + 8);
     assert_eq!(
         size_of::<KfacCollectives>(),
         2 * size_of::<usize>() + 8 + 4 * size_of::<usize>() + 8
@@ -727,8 +728,37 @@ fn struct_size_rules_of_kfac_config() {
             KFAC_ERR_INVALID_ARGUMENT,
         );
         assert!(q.is_null());
-        // Smaller than any layout, zero, garbage: refused.
-        for bad in [cur - 8, 0, KFAC_MAX_STRUCT_SIZE + 1, usize::MAX] {
+        // The layout before `memory_budget` (`cur - 8`): accepted, and
+        // read with no budget; the writer leaves the field alone.
+        let mut c = config();
+        c.memory_budget = 1;
+        c.struct_size = cur - 8;
+        expect(kfac_precond_create(&c, ptr::null_mut(), &mut q), KFAC_OK);
+        let mut id = 0u32;
+        expect(
+            kfac_register_linear(q, c"fc".as_ptr(), 8, 4, 1, &mut id),
+            KFAC_OK,
+        );
+        free(q);
+        // With the field read, that budget of one byte refuses the layer.
+        c.struct_size = cur;
+        expect(kfac_precond_create(&c, ptr::null_mut(), &mut q), KFAC_OK);
+        expect(
+            kfac_register_linear(q, c"fc".as_ptr(), 8, 4, 1, &mut id),
+            KFAC_ERR_NO_MEMORY,
+        );
+        assert!(
+            last_error().contains("memory budget exceeded"),
+            "{}",
+            last_error()
+        );
+        free(q);
+        let mut z = std::mem::zeroed::<KfacConfig>();
+        z.memory_budget = 77;
+        expect(kfac_config_default(&mut z, cur - 8), KFAC_OK);
+        assert_eq!((z.struct_size, z.memory_budget), (cur - 8, 77));
+        // Smaller than any layout, between layouts, zero, garbage: refused.
+        for bad in [cur - 16, cur - 4, 0, KFAC_MAX_STRUCT_SIZE + 1, usize::MAX] {
             let mut c = config();
             c.struct_size = bad;
             expect(

@@ -5,7 +5,6 @@
 //! `F' = xi F + (1 - xi) acc / weight` are computed into new buffers (one
 //! rayon task per layer). Nothing is committed here.
 
-use faer::Mat;
 use kfac_kernels::factor;
 use rayon::prelude::*;
 
@@ -105,12 +104,13 @@ fn combine(
     let out = match (f, acc) {
         (Factor::Dense(f), Factor::Dense(acc)) => {
             let n = f.nrows();
-            let mut out = Mat::<f32>::zeros(n, n);
+            let mut out = crate::mem::zeros::<f32>(n, n, &format!("layer '{name}': new {which}"))?;
             factor::blend_lower_to_full(out.as_mut(), f.as_ref(), acc.as_ref(), xi, c)
                 .map(|()| Factor::Dense(out))
         }
         (Factor::Diag(f), Factor::Diag(acc)) => {
-            let mut out = vec![0.0f32; f.len()];
+            let mut out =
+                crate::mem::filled(f.len(), 0.0f32, &format!("layer '{name}': new {which}"))?;
             factor::blend_diag(&mut out, f, acc, xi, c).map(|()| Factor::Diag(out))
         }
         _ => unreachable_diag(),

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use crate::config::{Compat, Config, Method, Precision};
 use crate::distributed;
 use crate::exchange::Exchange;
+use crate::mem;
 use crate::observe::unreachable_diag;
 use crate::state::{Factor, FactorInv, InverseCache};
 use crate::{Error, Result};
@@ -105,7 +106,9 @@ pub(crate) fn run(
                         };
                         // A lone factor gets every thread.
                         let th = if tasks.len() == 1 { threads } else { 1 };
-                        let r = invert_one(&layers[li].name, factor_of(t), cfg, shift, th, scratch);
+                        let name = &layers[li].name;
+                        let r = invert_one(name, factor_of(t), cfg, shift, th, scratch)
+                            .map_err(mem::in_layer(name));
                         out.push((t, r));
                     }
                     out
@@ -183,24 +186,28 @@ fn eig(
     let n = m.nrows();
     match precision {
         Precision::F32 => {
-            let mut q = Mat::<f32>::zeros(n, n);
-            let mut l = vec![0.0f32; n];
+            let what = format!("layer '{name}': eigenvectors");
+            let mut q = mem::zeros::<f32>(n, n, &what)?;
+            let mut l = mem::filled(n, 0.0f32, &what)?;
             scratch.with(eigen::sym_eigen_scratch::<f32>(n, par), |stack| {
                 eigen::sym_eigen(m.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
             })?;
             Ok((q, l))
         }
         Precision::F64 => {
-            let w = Mat::<f64>::from_fn(n, n, |i, j| m[(i, j)] as f64);
-            let mut q = Mat::<f64>::zeros(n, n);
-            let mut l = vec![0.0f64; n];
+            let what = format!("layer '{name}': f64 eigendecomposition");
+            let w = mem::from_fn::<f64>(n, n, &what, |i, j| m[(i, j)] as f64)?;
+            let mut q = mem::zeros::<f64>(n, n, &what)?;
+            let mut l = mem::filled(n, 0.0f64, &what)?;
             scratch.with(eigen::sym_eigen_scratch::<f64>(n, par), |stack| {
                 eigen::sym_eigen(w.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
             })?;
-            Ok((
-                Mat::from_fn(n, n, |i, j| q[(i, j)] as f32),
-                l.into_iter().map(|v| v as f32).collect(),
-            ))
+            drop(w);
+            let what = format!("layer '{name}': eigenvectors");
+            let q32 = mem::from_fn::<f32>(n, n, &what, |i, j| q[(i, j)] as f32)?;
+            let mut l32 = mem::with_capacity(n, &what)?;
+            l32.extend(l.into_iter().map(|v| v as f32));
+            Ok((q32, l32))
         }
     }
 }
@@ -267,13 +274,13 @@ fn invert_one(
             Ok(FactorInv::Eigen { q: Some(q), l })
         }
         (Method::Eigen, Factor::Diag(d)) => {
-            let mut l = vec![0.0f32; d.len()];
+            let mut l = mem::filled(d.len(), 0.0f32, &format!("layer '{name}': eigenvalues"))?;
             eigen::clamp_eigenvalues_diag(&mut l, d).map_err(kerr(name))?;
             Ok(FactorInv::Eigen { q: None, l })
         }
         (Method::Inverse, Factor::Dense(m)) => {
             let d = m.nrows();
-            let mut inv = Mat::<f32>::zeros(d, d);
+            let mut inv = mem::zeros::<f32>(d, d, &format!("layer '{name}': inverse"))?;
             scratch.with(inverse::damped_inverse_scratch::<f32>(d, par(d)), |stack| {
                 inverse::damped_inverse(inv.as_mut(), m.as_ref(), shift, par(d), stack)
                     .map_err(kerr(name))
@@ -281,7 +288,7 @@ fn invert_one(
             Ok(FactorInv::Inv(Factor::Dense(inv)))
         }
         (Method::Inverse, Factor::Diag(dv)) => {
-            let mut out = vec![0.0f32; dv.len()];
+            let mut out = mem::filled(dv.len(), 0.0f32, &format!("layer '{name}': inverse"))?;
             inverse::damped_inverse_diag(&mut out, dv, shift).map_err(kerr(name))?;
             Ok(FactorInv::Inv(Factor::Diag(out)))
         }
@@ -300,7 +307,11 @@ fn assemble(
     match (a, g) {
         (FactorInv::Eigen { q: qa, l: la }, FactorInv::Eigen { q: Some(qg), l: lg }) => {
             let denom = if cfg.precompute_denominators {
-                let mut d = Mat::<f32>::zeros(lg.len(), la.len());
+                let mut d = mem::zeros::<f32>(
+                    lg.len(),
+                    la.len(),
+                    &format!("layer '{name}': eigenvalue denominators"),
+                )?;
                 eigen::eigen_inverse_denominators(d.as_mut(), &lg, &la, damping as f32)
                     .map_err(kerr(name))?;
                 Some(d)

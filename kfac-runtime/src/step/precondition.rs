@@ -87,7 +87,7 @@ pub(crate) fn run(
                 let (w, b) = view(li).ok_or_else(|| Error::MissingGradient {
                     layer: l.name.clone(),
                 })?;
-                let raw = gather(&l.kind, w, b);
+                let raw = gather(&l.kind, w, b)?;
                 let dot =
                     kl::frobenius_dot(v.as_ref(), raw.as_ref()).map_err(kerr(&l.name))? as f64;
                 received = Some((v, dot));
@@ -102,13 +102,15 @@ pub(crate) fn run(
 }
 
 /// The internal `d_out x d` gradient (bias as the last column) of a layer.
-fn gather(kind: &LayerKind, w: MatRef<'_, f32>, b: Option<&[f32]>) -> Mat<f32> {
+fn gather(kind: &LayerKind, w: MatRef<'_, f32>, b: Option<&[f32]>) -> Result<Mat<f32>> {
     let (d_out, d) = kind.dims();
-    match kind {
-        LayerKind::Embedding { .. } => Mat::from_fn(d_out, d, |i, j| w[(j, i)]),
+    Ok(match kind {
+        LayerKind::Embedding { .. } => {
+            crate::mem::from_fn(d_out, d, "gradient copy", |i, j| w[(j, i)])?
+        }
         _ => {
             let (_, wc) = kind.weight_shape();
-            let mut m = Mat::<f32>::zeros(d_out, d);
+            let mut m = crate::mem::zeros::<f32>(d_out, d, "gradient copy")?;
             m.as_mut().submatrix_mut(0, 0, d_out, wc).copy_from(w);
             if let Some(b) = b {
                 for (i, &v) in b.iter().enumerate() {
@@ -117,7 +119,7 @@ fn gather(kind: &LayerKind, w: MatRef<'_, f32>, b: Option<&[f32]>) -> Mat<f32> {
             }
             m
         }
-    }
+    })
 }
 
 /// Preconditions one layer's gradient; returns `V` and `<V, grad>`.
@@ -129,9 +131,9 @@ fn precondition(
     damping: f64,
 ) -> Result<(Mat<f32>, f64)> {
     let name = &l.name;
-    let raw = gather(&l.kind, w, b);
-    let mut v = raw.clone();
-    let (d_out, d) = (v.nrows(), v.ncols());
+    let raw = gather(&l.kind, w, b)?;
+    let (d_out, d) = (raw.nrows(), raw.ncols());
+    let mut v = crate::mem::from_fn(d_out, d, "gradient copy", |i, j| raw[(i, j)])?;
     let par = Par::Seq;
     l.scratch
         .with(crate::state::precondition_scratch(d_out, d), |stack| {
