@@ -12,7 +12,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// The workspace root (this crate lives in `<root>/test-support`).
 pub fn workspace_root() -> &'static Path {
@@ -74,35 +74,68 @@ pub fn cargo_build(target_dir: Option<&Path>, args: &[&str]) -> PathBuf {
     target.join(profile)
 }
 
-/// The directory holding `libkfac.a` and `libkfac.so` (kfac-ffi), built
-/// once per test process.
+/// Serializes the libkfac builds of this process with the copies taken of
+/// their results (a build with other features replaces the libraries in
+/// `<target>/<profile>`).
+static LIBKFAC_BUILD: Mutex<()> = Mutex::new(());
+
+const PLAIN: [&str; 5] = ["-p", "kfac-ffi", "-p", "kfac-runtime", "--lib"];
+
+/// Copies `libkfac.a` and `libkfac.so` from `dir` into `dir/<name>`
+/// (each through a temporary name and a rename, so a process that has the
+/// old copy mapped keeps it) and returns that directory.
+fn snapshot(dir: &Path, name: &str) -> PathBuf {
+    check_libkfac(dir);
+    let to = dir.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["libkfac.a", "libkfac.so"] {
+        let tmp = to.join(format!(".{f}.{}", std::process::id()));
+        std::fs::copy(dir.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, to.join(f)).unwrap();
+    }
+    to
+}
+
+/// A directory holding `libkfac.a` and `libkfac.so` (kfac-ffi), built once
+/// per test process (a copy in `<target>/<profile>/kfac-plain`, which no
+/// later build with other features replaces).
 pub fn libkfac() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        let _g = LIBKFAC_BUILD.lock().unwrap_or_else(|p| p.into_inner());
         // kfac-runtime is selected too so that its features (the default
         // `cli`, which kfac-capi does not ask for) are those of the
         // workspace test build, whose compiled crates are then reused.
-        let dir = cargo_build(None, &["-p", "kfac-ffi", "-p", "kfac-runtime", "--lib"]);
-        check_libkfac(&dir);
-        dir
+        let dir = cargo_build(None, &PLAIN);
+        snapshot(&dir, "kfac-plain")
     })
     .clone()
 }
 
-/// As [`libkfac`] with the `mpi` feature (`kfac_comm_mpi` over MPI), built
-/// in its own target directory `<target>/mpi-ffi` so that it never
-/// replaces the plain libkfac other tests link.
+/// As [`libkfac`] with the `mpi` feature (`kfac_comm_mpi` over MPI): built
+/// in the same target directory (reusing every compiled dependency; a
+/// directory of its own rebuilt faer, about five minutes), copied to
+/// `<target>/<profile>/kfac-mpi`, after which the plain build is run again
+/// so that `<target>/<profile>` holds the plain libraries as before.
 pub fn libkfac_mpi() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let own = profile_dir();
-        let target = own.parent().expect("<target>/<profile>").join("mpi-ffi");
+        let _g = LIBKFAC_BUILD.lock().unwrap_or_else(|p| p.into_inner());
         let dir = cargo_build(
-            Some(&target),
-            &["-p", "kfac-ffi", "--lib", "--features", "mpi"],
+            None,
+            &[
+                "-p",
+                "kfac-ffi",
+                "-p",
+                "kfac-runtime",
+                "--lib",
+                "--features",
+                "kfac-ffi/mpi",
+            ],
         );
-        check_libkfac(&dir);
-        dir
+        let out = snapshot(&dir, "kfac-mpi");
+        cargo_build(None, &PLAIN);
+        out
     })
     .clone()
 }

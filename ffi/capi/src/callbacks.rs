@@ -487,9 +487,30 @@ impl Communicator for Callbacks {
             .ok_or_else(|| CommError::InvalidArgument {
                 reason: format!("allgather sizes overflow: {max} bytes x {world} ranks"),
             })?;
-        let mut padded = send.to_vec();
-        padded.resize(max, 0);
-        let mut all = vec![0u8; total];
+        // Sizes come from the peers: an impossible one is an error, not an
+        // allocation abort.
+        let zeros = |n: usize| -> Result<Vec<u8>, CommError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n)
+                .map_err(|_| CommError::InvalidArgument {
+                    reason: format!(
+                        "allgather: cannot allocate {n} bytes ({max} bytes x {world} ranks)"
+                    ),
+                })?;
+            v.resize(n, 0);
+            Ok(v)
+        };
+        if send.len() > max {
+            return Err(CommError::InvalidArgument {
+                reason: format!(
+                    "allgather: the callback reported sizes {sizes:?}, all below this rank's {} bytes",
+                    send.len()
+                ),
+            });
+        }
+        let mut padded = zeros(max)?;
+        padded[..send.len()].copy_from_slice(send);
+        let mut all = zeros(total)?;
         if max > 0 {
             self.call(Op::Allgather { bytes: max }, &mut all, &padded)?;
         }

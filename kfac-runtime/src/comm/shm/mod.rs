@@ -646,8 +646,18 @@ impl Communicator for ShmGroup {
                     Ok(())
                 },
             )?;
-            let total: usize = sizes.iter().sum();
-            let mut out = vec![0u8; total];
+            // Sizes come from the peers: an impossible total is an error,
+            // not an allocation abort.
+            let total = sizes
+                .iter()
+                .try_fold(0usize, |a, &s| a.checked_add(s))
+                .unwrap_or(usize::MAX);
+            let mut out = Vec::new();
+            out.try_reserve_exact(total)
+                .map_err(|_| CommError::InvalidArgument {
+                    reason: format!("allgather: cannot allocate {total} bytes for {sizes:?}"),
+                })?;
+            out.resize(total, 0);
             let offs: Vec<usize> = sizes
                 .iter()
                 .scan(0, |acc, &s| {
