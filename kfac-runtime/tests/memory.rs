@@ -13,6 +13,7 @@ use faer::MatRef;
 use kfac_runtime::{
     Config, Error, ErrorKind, LayerGrad, LayerId, LayerKind, Observation, Preconditioner,
 };
+use kfac_test_support::worker;
 
 fn linear(p: &mut Preconditioner, name: &str, d_in: usize, d_out: usize) -> Result<LayerId, Error> {
     linear_b(p, name, d_in, d_out, false)
@@ -221,21 +222,17 @@ fn fresh_mappings() {
     }
 }
 
+/// Runs the ignored worker test `name` in a child process and checks that
+/// it ran to its end (`worker::done(name)`) and passed.
 fn run_child(name: &str) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            name,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(worker::args(name))
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains(&format!("{name} ran to the end")), "{text}");
+    worker::assert_ran(&String::from_utf8_lossy(&out.stdout), name, 1);
 }
 
 /// Registration of a 6000-wide layer (144 MB per A factor) with 200 MB of
@@ -266,7 +263,7 @@ fn child_registration_under_a_limit() {
     let v = step(&mut p, id, 16, 8).unwrap();
     assert!(v.iter().all(|x| x.is_finite()));
     set_as_limit(None);
-    println!("child_registration_under_a_limit ran to the end");
+    worker::done("child_registration_under_a_limit");
 }
 
 #[test]
@@ -321,7 +318,7 @@ fn child_step_under_a_limit() {
         step(&mut twin, tid, D, 8).unwrap(),
     );
     assert_eq!(bits(&a), bits(&b));
-    println!("child_step_under_a_limit ran to the end");
+    worker::done("child_step_under_a_limit");
 }
 
 #[test]
