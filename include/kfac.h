@@ -117,9 +117,9 @@ typedef enum {
   KFAC_ERR_BUSY = 13,
   // Memory could not be allocated, or the preconditioner's memory budget
   // (`KfacConfig.memory_budget`) would be exceeded; the message gives the
-  // bytes needed. Nothing was changed and the handle stays usable (for a
-  // step: the statistics observed since the last step were discarded,
-  // the previous factors and decompositions stay in use).
+  // bytes needed. Nothing was changed and the handle stays usable (a
+  // step keeps the statistics observed since the last step: it can be
+  // retried as it was; with several ranks, every rank fails the step).
   KFAC_ERR_NO_MEMORY = 14,
 } KfacStatus;
 

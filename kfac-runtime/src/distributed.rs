@@ -26,7 +26,6 @@
 //! nothing between inversions; `f = 1/P` moves the least decompositions
 //! and the most gradients; a value between trades the two.
 
-use faer::Mat;
 use kfac_kernels::packed;
 
 use crate::codec::{write_config, write_kind, W};
@@ -115,17 +114,24 @@ pub(crate) fn pack(f: &Factor, out: &mut Vec<f32>) {
 
 /// Reads a factor of the same shape as `like` from `src` (lower triangle
 /// only for dense factors).
-pub(crate) fn unpack(like: &Factor, src: &[f32]) -> Factor {
-    match like {
+///
+/// # Errors
+/// [`Error::OutOfMemory`](crate::Error::OutOfMemory) naming `what`.
+pub(crate) fn unpack(like: &Factor, src: &[f32], what: &str) -> crate::Result<Factor> {
+    Ok(match like {
         Factor::Dense(m) => {
             let n = m.nrows();
-            let mut out = Mat::<f32>::zeros(n, n);
+            let mut out = crate::mem::zeros::<f32>(n, n, what)?;
             let r = packed::unpack_lower(src, out.as_mut(), false);
             debug_assert!(r.is_ok(), "the caller slices packed_len(like) values");
             Factor::Dense(out)
         }
-        Factor::Diag(_) => Factor::Diag(src.to_vec()),
-    }
+        Factor::Diag(_) => {
+            let mut v = crate::mem::with_capacity(src.len(), what)?;
+            v.extend_from_slice(src);
+            Factor::Diag(v)
+        }
+    })
 }
 
 /// Length in f32 values of a serialized [`FactorInv`] for a factor of this
@@ -138,47 +144,59 @@ pub(crate) fn inv_len(f: &Factor, eigen: bool) -> usize {
     }
 }
 
-/// Serializes a factor result (column-major matrices, then eigenvalues).
-pub(crate) fn inv_to_vec(r: &FactorInv) -> Vec<f32> {
-    let mut out = Vec::new();
-    let mat = |m: &Mat<f32>, out: &mut Vec<f32>| {
-        for j in 0..m.ncols() {
-            for i in 0..m.nrows() {
-                out.push(m[(i, j)]);
-            }
+/// Serializes a factor result (column-major matrices, then eigenvalues)
+/// into `out`, which holds [`inv_len`] values for its factor (without
+/// allocating; a shorter `out` is filled as far as it goes).
+pub(crate) fn inv_write(r: &FactorInv, out: &mut [f32]) {
+    let mut slots = out.iter_mut();
+    let mut put = |v: &f32| {
+        if let Some(o) = slots.next() {
+            *o = *v;
         }
     };
     match r {
         FactorInv::Eigen { q, l } => {
-            if let Some(q) = q {
-                mat(q, &mut out);
+            for c in q.iter().flat_map(|q| q.col_iter()) {
+                c.iter().for_each(&mut put);
             }
-            out.extend_from_slice(l);
+            l.iter().for_each(put);
         }
-        FactorInv::Inv(Factor::Dense(m)) => mat(m, &mut out),
-        FactorInv::Inv(Factor::Diag(d)) => out.extend_from_slice(d),
+        FactorInv::Inv(Factor::Dense(m)) => m.col_iter().for_each(|c| c.iter().for_each(&mut put)),
+        FactorInv::Inv(Factor::Diag(d)) => d.iter().for_each(put),
     }
-    out
 }
 
-/// Inverse of [`inv_to_vec`] for a factor shaped like `like`.
-pub(crate) fn inv_from_vec(like: &Factor, eigen: bool, v: &[f32]) -> FactorInv {
-    let mat = |n: usize, v: &[f32]| Mat::<f32>::from_fn(n, n, |i, j| v[i + j * n]);
-    match (like, eigen) {
+/// Inverse of [`inv_write`] for a factor shaped like `like`.
+///
+/// # Errors
+/// [`Error::OutOfMemory`](crate::Error::OutOfMemory) naming `what`.
+pub(crate) fn inv_read(
+    like: &Factor,
+    eigen: bool,
+    v: &[f32],
+    what: &str,
+) -> crate::Result<FactorInv> {
+    let mat = |n: usize, v: &[f32]| crate::mem::from_fn(n, n, what, |i, j| v[i + j * n]);
+    let vec = |v: &[f32]| -> crate::Result<Vec<f32>> {
+        let mut out = crate::mem::with_capacity(v.len(), what)?;
+        out.extend_from_slice(v);
+        Ok(out)
+    };
+    Ok(match (like, eigen) {
         (Factor::Dense(m), true) => {
             let n = m.nrows();
             FactorInv::Eigen {
-                q: Some(mat(n, v)),
-                l: v[n * n..n * n + n].to_vec(),
+                q: Some(mat(n, v)?),
+                l: vec(&v[n * n..n * n + n])?,
             }
         }
         (Factor::Diag(d), true) => FactorInv::Eigen {
             q: None,
-            l: v[..d.len()].to_vec(),
+            l: vec(&v[..d.len()])?,
         },
-        (Factor::Dense(m), false) => FactorInv::Inv(Factor::Dense(mat(m.nrows(), v))),
-        (Factor::Diag(d), false) => FactorInv::Inv(Factor::Diag(v[..d.len()].to_vec())),
-    }
+        (Factor::Dense(m), false) => FactorInv::Inv(Factor::Dense(mat(m.nrows(), v)?)),
+        (Factor::Diag(d), false) => FactorInv::Inv(Factor::Diag(vec(&v[..d.len()])?)),
+    })
 }
 
 #[cfg(test)]

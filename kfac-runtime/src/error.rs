@@ -108,14 +108,16 @@ pub enum Error {
     /// [`Error::RankFailed`], on another): the statistics observed since the
     /// last step were discarded, and the previous factors and
     /// decompositions stay in use, so the next step with good observations
-    /// can succeed. The gradients are unchanged.
+    /// can succeed. The gradients are unchanged. Not used for running out
+    /// of memory, which keeps the statistics.
     StatisticsDiscarded {
         /// The failure.
         cause: Box<Error>,
     },
-    /// Memory for the state, a decomposition, a step buffer or kernel
-    /// scratch could not be allocated; nothing was changed (see
-    /// [`Error::StatisticsDiscarded`] for a step).
+    /// Memory for the state, a decomposition, a step buffer (exchange
+    /// buffers of a distributed step included) or kernel scratch could not
+    /// be allocated; nothing was changed (a step keeps its statistics: it
+    /// can be retried as it was).
     OutOfMemory {
         /// What was being allocated (with the layer's name where there is
         /// one).

@@ -33,6 +33,70 @@ use crate::{Error, Result};
 /// cut at a character boundary).
 const MAX_CAUSE_BYTES: usize = 512;
 
+/// Values converted to or from a 2-byte wire type at a time (on the
+/// stack).
+const CHUNK: usize = 1024;
+
+/// This rank's statistics ready to be summed: packed values and sample
+/// weights, and the values in the wire precision. Built (every buffer
+/// allocated) before the step's agreement round, so that running out of
+/// memory here fails the step on every rank instead of leaving peers in a
+/// collective.
+pub(crate) struct Outgoing {
+    values: Vec<f32>,
+    weights: Vec<f64>,
+    wire: Wire,
+}
+
+enum Wire {
+    F32,
+    /// The converted values and room for every rank's.
+    Bf16(Vec<packed::bf16>, Vec<u8>),
+    F16(Vec<packed::f16>, Vec<u8>),
+}
+
+impl Outgoing {
+    /// Converts `values` to `wire` when that is a 2-byte type (with room
+    /// to receive every rank's converted values, `world` in all).
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] for the converted copy or the room.
+    pub(crate) fn new(
+        values: Vec<f32>,
+        weights: Vec<f64>,
+        wire: WirePrecision,
+        world: usize,
+    ) -> Result<Self> {
+        fn convert<H: Clone + Default>(
+            values: &[f32],
+            world: usize,
+            to: fn(&[f32], &mut [H]) -> kfac_kernels::Result<()>,
+        ) -> Result<(Vec<H>, Vec<u8>)> {
+            let what = "statistics in the wire precision";
+            let mut h = crate::mem::filled(values.len(), H::default(), what)?;
+            to(values, &mut h)?;
+            let all = std::mem::size_of_val(h.as_slice()).saturating_mul(world);
+            Ok((h, crate::mem::filled(all, 0u8, what)?))
+        }
+        let wire = match wire {
+            WirePrecision::F32 => Wire::F32,
+            WirePrecision::Bf16 => {
+                let (h, all) = convert(&values, world, packed::f32_to_bf16)?;
+                Wire::Bf16(h, all)
+            }
+            WirePrecision::F16 => {
+                let (h, all) = convert(&values, world, packed::f32_to_f16)?;
+                Wire::F16(h, all)
+            }
+        };
+        Ok(Self {
+            values,
+            weights,
+            wire,
+        })
+    }
+}
+
 /// Counters of one step's communication.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Traffic {
@@ -130,108 +194,110 @@ impl<'c> Exchange<'c> {
         settle_statuses(local, &parts, me)
     }
 
-    /// Sums every rank's statistics across ranks, in rank order: `produce`
-    /// packs this rank's values (f32, sent in the wire precision) and sample
-    /// weights (f64). Returns the sums, or `None` for a world of one (then
-    /// `produce` is not called: the local statistics are the sums).
+    /// Sums every rank's statistics across ranks, in rank order, from
+    /// this rank's [`Outgoing`] (prepared, and allocated, before the
+    /// step's agreement round). Returns the sums, or `None` for a world of
+    /// one (then `out` is `None`: the local statistics are the sums).
     pub(crate) fn sum_statistics(
         &mut self,
-        wire: WirePrecision,
-        produce: impl FnOnce() -> (Vec<f32>, Vec<f64>),
+        out: Option<Outgoing>,
     ) -> Result<Option<(Vec<f32>, Vec<f64>)>> {
-        if self.world() == 1 {
+        let Some(Outgoing {
+            mut values,
+            mut weights,
+            wire,
+        }) = out
+        else {
             return Ok(None);
+        };
+        if self.world() == 1 {
+            return Ok(Some((values, weights)));
         }
-        let (mut values, mut weights) = produce();
-        self.sum_in_place(&mut values, &mut weights, wire)?;
+        match wire {
+            Wire::F32 => {
+                self.collective(|c| c.allreduce_f32(&mut values))?;
+                self.count(values.len() * 4, values.len() * 4);
+            }
+            Wire::Bf16(half, mut all) => {
+                self.sum_half(&mut values, &half, &mut all, packed::bf16_to_f32)?
+            }
+            Wire::F16(half, mut all) => {
+                self.sum_half(&mut values, &half, &mut all, packed::f16_to_f32)?
+            }
+        }
+        self.collective(|c| c.allreduce_f64(&mut weights))?;
+        self.count(weights.len() * 8, weights.len() * 8);
         Ok(Some((values, weights)))
     }
 
-    fn sum_in_place(
-        &mut self,
-        values: &mut [f32],
-        weights: &mut [f64],
-        wire: WirePrecision,
-    ) -> Result<()> {
-        match wire {
-            WirePrecision::F32 => {
-                self.collective(|c| c.allreduce_f32(values))?;
-                self.count(values.len() * 4, values.len() * 4);
-            }
-            WirePrecision::Bf16 => {
-                self.sum_half(values, packed::f32_to_bf16, packed::bf16_to_f32)?
-            }
-            WirePrecision::F16 => self.sum_half(values, packed::f32_to_f16, packed::f16_to_f32)?,
-        }
-        self.collective(|c| c.allreduce_f64(weights))?;
-        self.count(weights.len() * 8, weights.len() * 8);
-        Ok(())
-    }
-
     /// Sums `values` across ranks through a 2-byte wire type `H`: an
-    /// allgather of every rank's converted values, widened and added in
-    /// rank order.
+    /// allgather of every rank's converted values (`half`) into `all`,
+    /// widened and added in rank order, a chunk at a time (no buffer of
+    /// the payload's size is allocated here).
     fn sum_half<H: crate::comm::Pod + Default>(
         &mut self,
         values: &mut [f32],
-        to: fn(&[f32], &mut [H]) -> kfac_kernels::Result<()>,
+        half: &[H],
+        all: &mut [u8],
         from: fn(&[H], &mut [f32]) -> kfac_kernels::Result<()>,
     ) -> Result<()> {
         let n = values.len();
-        let mut half = vec![H::default(); n];
-        to(values, &mut half)?;
-        let (all, sizes) = self.collective(|c| c.allgather_bytes(as_bytes(&half)))?;
+        self.collective(|c| c.allgather_into(as_bytes(half), all))?;
         let width = std::mem::size_of::<H>();
-        if sizes.len() != self.world() || sizes.iter().any(|&s| s != n * width) {
-            return Err(Error::Distributed {
-                reason: format!("ranks sent statistics of different sizes {sizes:?}"),
-            });
-        }
         self.count(n * width, all.len());
-        let mut one = vec![0.0f32; n];
-        for (r, chunk) in all.chunks_exact(n * width).enumerate() {
-            as_bytes_mut(&mut half).copy_from_slice(chunk);
-            from(&half, &mut one)?;
-            // rank order: rank 0's values, then each next rank added
-            if r == 0 {
-                values.copy_from_slice(&one);
-            } else {
-                values.iter_mut().zip(&one).for_each(|(v, x)| *v += x);
+        if n == 0 {
+            return Ok(());
+        }
+        let mut h = [H::default(); CHUNK];
+        let mut one = [0.0f32; CHUNK];
+        for (r, rank_bytes) in all.chunks_exact(n * width).enumerate() {
+            for (dst, src) in values
+                .chunks_mut(CHUNK)
+                .zip(rank_bytes.chunks(CHUNK * width))
+            {
+                let k = dst.len();
+                as_bytes_mut(&mut h[..k]).copy_from_slice(src);
+                from(&h[..k], &mut one[..k])?;
+                // rank order: rank 0's values, then each next rank added
+                if r == 0 {
+                    dst.copy_from_slice(&one[..k]);
+                } else {
+                    dst.iter_mut().zip(&one[..k]).for_each(|(v, x)| *v += x);
+                }
             }
         }
         Ok(())
     }
 
-    /// Broadcasts `len` values from `root`: the root's `produce` gives
-    /// them; ranks with `keep` get them through `consume`; the others take
-    /// part in the collective without copying the data out. For a world of
+    /// Broadcasts `buf.len()` values from `root`: the root's `produce`
+    /// writes them into `buf`; ranks with `keep` receive them into `buf`
+    /// and get them through `consume`; the others take part in the
+    /// collective without copying the data out. `buf` is allocated by the
+    /// caller before its phase's status round, so no rank can fail to take
+    /// part; `consume` cannot fail the collective either: callers record
+    /// its errors and settle them after their last share. For a world of
     /// one nothing is called.
     pub(crate) fn share(
         &mut self,
-        len: usize,
+        buf: &mut [f32],
         root: usize,
         keep: bool,
-        produce: impl FnOnce() -> Vec<f32>,
-        consume: impl FnOnce(&[f32]) -> Result<()>,
+        produce: impl FnOnce(&mut [f32]),
+        consume: impl FnOnce(&[f32]),
     ) -> Result<()> {
         if self.world() == 1 {
             return Ok(());
         }
         let me = self.rank();
+        let len = buf.len();
         if me == root {
-            let mut buf = produce();
-            debug_assert_eq!(buf.len(), len);
-            // Receivers expect exactly `len` values: a length bug here must
-            // not desynchronize the collective (NaN padding is refused by
-            // the receivers' finiteness checks).
-            buf.resize(len, f32::NAN);
-            self.collective(|c| c.broadcast_f32(&mut buf, root))?;
+            produce(buf);
+            self.collective(|c| c.broadcast_f32(buf, root))?;
             self.count(len * 4, 0);
         } else if keep {
-            let mut buf = vec![0.0f32; len];
-            self.collective(|c| c.broadcast_f32(&mut buf, root))?;
+            self.collective(|c| c.broadcast_f32(buf, root))?;
             self.count(0, len * 4);
-            consume(&buf)?;
+            consume(buf);
         } else {
             self.collective(|c| c.broadcast_discard(len * 4, root))?;
         }

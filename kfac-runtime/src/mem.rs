@@ -11,7 +11,13 @@
 //! buffers per call (bounded by its cache blocking, about
 //! `512 x (n + threads x 4 KiB)` elements for an `n`-wide product, ~12 MiB
 //! at n = 6000) and keeps one L2-sized slab per thread; those abort on
-//! failure, as does any allocation in the standard library.
+//! failure, as does any allocation in the standard library, MPI, or a
+//! caller's communicator callbacks.
+//!
+//! A distributed step allocates its exchange buffers before the status
+//! round that ends the phase before them (see `exchange`), so running out
+//! of memory on one rank fails the step on every rank and keeps the group
+//! usable.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

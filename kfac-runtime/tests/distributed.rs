@@ -28,6 +28,12 @@ fn worker_entry() {
     .expect("join");
     let (rank, world) = (g.rank(), g.size());
     let cfg = match role.as_str() {
+        "oom" => kfac_runtime::Config {
+            inv_update_steps: 1,
+            threads: 1,
+            grad_worker_fraction: 0.5,
+            ..config()
+        },
         "fail_together" => kfac_runtime::Config {
             method: kfac_runtime::Method::Inverse,
             damping: kfac_runtime::Schedule::Constant(0.05),
@@ -74,6 +80,7 @@ fn worker_entry() {
             println!("mismatch ok");
         }
         "fail_together" => fail_together(p, rank, world),
+        "oom" => out_of_memory(p, rank),
         "bytes" => bytes_moved(p, rank, world),
         other => panic!("unknown role {other}"),
     }
@@ -173,6 +180,181 @@ fn fail_together(mut p: Preconditioner, rank: usize, world: usize) {
     assert_eq!(p.steps(), 6);
     let _ = world;
     println!("fail_together ok");
+}
+
+/// A global allocator that can fail the k-th large allocation (at least
+/// [`faulty::LARGE`] bytes) from the moment it is armed: how the test
+/// below runs out of memory at every large allocation of a step in turn,
+/// on one rank, deterministically.
+mod faulty {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+    pub const LARGE: usize = 16 << 10;
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    static COUNTDOWN: AtomicUsize = AtomicUsize::new(0);
+
+    pub struct Faulty;
+
+    impl Faulty {
+        fn fail(size: usize) -> bool {
+            if size < LARGE || !ARMED.load(SeqCst) {
+                return false;
+            }
+            if COUNTDOWN.fetch_sub(1, SeqCst) == 0 {
+                ARMED.store(false, SeqCst);
+                FIRED.store(true, SeqCst);
+                return true;
+            }
+            false
+        }
+    }
+
+    // SAFETY: every call is forwarded to the system allocator unchanged,
+    // or fails (null), which the GlobalAlloc contract allows.
+    unsafe impl GlobalAlloc for Faulty {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            if Self::fail(l.size()) {
+                return std::ptr::null_mut();
+            }
+            // SAFETY: forwarded with the caller's layout.
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            if Self::fail(l.size()) {
+                return std::ptr::null_mut();
+            }
+            // SAFETY: forwarded with the caller's layout.
+            unsafe { System.alloc_zeroed(l) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            if new > l.size() && Self::fail(new) {
+                return std::ptr::null_mut();
+            }
+            // SAFETY: forwarded with the caller's pointer and layout.
+            unsafe { System.realloc(ptr, l, new) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, l: Layout) {
+            // SAFETY: forwarded with the caller's pointer and layout.
+            unsafe { System.dealloc(ptr, l) }
+        }
+    }
+
+    /// Fails the `k`-th large allocation from now on (0: the next).
+    pub fn arm(k: usize) {
+        FIRED.store(false, SeqCst);
+        COUNTDOWN.store(k, SeqCst);
+        ARMED.store(true, SeqCst);
+    }
+
+    /// Disarms; whether an allocation was failed since [`arm`].
+    pub fn disarm() -> bool {
+        ARMED.store(false, SeqCst);
+        FIRED.load(SeqCst)
+    }
+}
+
+#[global_allocator]
+static ALLOC: faulty::Faulty = faulty::Faulty;
+
+/// Out of memory in a distributed step (#11): in step `k` of a sweep,
+/// rank 1 fails its `k`-th large allocation of the step (statistics packed
+/// for the sum, the sums, new factors, decompositions, the buffers of the
+/// shares, received decompositions and gradients, ...). Every step either
+/// succeeds on both ranks or fails on both, rank 1 with `OutOfMemory` and
+/// rank 0 with `RankFailed` naming it; nothing aborts, a failed step
+/// changes nothing (the statistics are kept), and after the sweep both
+/// ranks compute the same gradients. Embedding layers give large buffers
+/// with next to no matrix multiply (whose per-call packing buffers abort,
+/// as documented in `mem.rs`).
+fn out_of_memory(mut p: Preconditioner, rank: usize) {
+    use kfac_runtime::ErrorKind;
+    const VOCAB: usize = 1 << 13;
+    const DIM: usize = 16;
+    const SWEEP: usize = 16;
+    let ids: Vec<_> = (0..2)
+        .map(|k| {
+            p.register(
+                &format!("emb{k}"),
+                LayerKind::Embedding {
+                    num_embeddings: VOCAB,
+                    dim: DIM,
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    let tokens: Vec<usize> = (0..64).map(|t| (t * 16411 + rank) % VOCAB).collect();
+    let og: Vec<f32> = (0..64 * DIM).map(|k| ((k * 5) % 7) as f32 - 3.0).collect();
+    let mut grads: Vec<Vec<f32>> = vec![vec![0.0; VOCAB * DIM]; 2];
+    let step = |p: &mut Preconditioner, grads: &mut Vec<Vec<f32>>, fail: Option<usize>| {
+        for (k, &id) in ids.iter().enumerate() {
+            p.observe(
+                id,
+                kfac_runtime::Observation::Embedding {
+                    tokens: &tokens,
+                    output_grads: faer::MatRef::from_row_major_slice(&og, 64, DIM),
+                },
+            )
+            .unwrap();
+            for (i, g) in grads[k].iter_mut().enumerate() {
+                *g = ((i * 13 + k) % 17) as f32 * 0.01 - 0.08;
+            }
+        }
+        let mut lg: Vec<_> = grads
+            .iter_mut()
+            .zip(&ids)
+            .map(|(w, &id)| {
+                kfac_runtime::LayerGrad::from_row_major(id, w, VOCAB, DIM, None).unwrap()
+            })
+            .collect();
+        if let Some(k) = fail {
+            faulty::arm(k);
+        }
+        let r = p.step(&mut lg);
+        (r, faulty::disarm())
+    };
+    // Warm-up: the pool, scratch and every buffer of a step exist once.
+    for _ in 0..2 {
+        step(&mut p, &mut grads, None).0.unwrap();
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for k in 0..SWEEP {
+        let before = p.steps();
+        let (r, fired) = step(&mut p, &mut grads, (rank == 1).then_some(k));
+        match r {
+            Ok(_) => {
+                ok += 1;
+                println!("oom rank {rank} sweep {k}: ok");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("oom rank {rank} sweep {k}: failed: {e}");
+                if rank == 1 {
+                    assert!(fired, "{e}");
+                    assert_eq!(e.kind(), ErrorKind::OutOfMemory, "{e:?}");
+                } else {
+                    assert!(
+                        matches!(
+                            &e,
+                            Error::RankFailed {
+                                rank: 1,
+                                kind: ErrorKind::OutOfMemory,
+                                ..
+                            }
+                        ),
+                        "{e:?}"
+                    );
+                }
+                assert_eq!(p.steps(), before, "a failed step must not count");
+            }
+        }
+    }
+    println!("oom rank {rank} ok {ok} failed {failed}");
+    step(&mut p, &mut grads, None).0.unwrap();
+    println!("hash {:016x}", fnv(&grads));
+    println!("oom ok");
 }
 
 /// Prints the bytes this rank sent and received in a step that inverts
@@ -312,6 +494,28 @@ fn mismatched_layer_lists_are_detected_on_every_rank() {
 fn a_failure_on_one_rank_fails_the_step_on_every_rank_quickly() {
     for p in [2, 3] {
         launch(p, "fail_together", &[]);
+    }
+}
+
+#[test]
+fn out_of_memory_in_a_distributed_step_fails_every_rank_and_changes_nothing() {
+    for wire in ["f32", "bf16"] {
+        let out = launch(2, "oom", &[("KFAC_TEST_WIRE", wire)]);
+        let outcome = |r: usize| -> Vec<bool> {
+            out.lines()
+                .filter(|l| l.contains(&format!("oom rank {r} sweep")))
+                .map(|l| l.ends_with(": ok"))
+                .collect()
+        };
+        let (r0, r1) = (outcome(0), outcome(1));
+        assert_eq!(r0.len(), 16, "{out}");
+        assert_eq!(r0, r1, "the ranks disagree on which steps failed:\n{out}");
+        assert!(r0.iter().any(|&o| !o), "the limit never bit:\n{out}");
+        // The last steps of the sweep fail no allocation: every large
+        // allocation of a step was failed once.
+        assert!(r0.last() == Some(&true), "the sweep is too short:\n{out}");
+        let h = hashes(&out);
+        assert!(h.len() == 2 && h[0] == h[1], "ranks disagree: {h:?}");
     }
 }
 

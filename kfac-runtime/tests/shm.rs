@@ -98,8 +98,23 @@ fn worker_entry() {
                         .all(|(i, &x)| x == (i + r) as u8));
                     off += s;
                 }
+                // allgather into the caller's buffer (equal sizes)
+                let mine: Vec<u8> = (0..len).map(|i| (i * 3 + rank) as u8).collect();
+                let mut into = vec![0u8; len * world];
+                g.allgather_into(&mine, &mut into).unwrap();
+                for r in 0..world {
+                    assert!(into[r * len..(r + 1) * len]
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &x)| x == (i * 3 + r) as u8));
+                }
                 g.barrier().unwrap();
             }
+            // unequal contributions to allgather_into fail on every rank
+            let mine = vec![7u8; 5 + rank];
+            let mut into = vec![0u8; (5 + rank) * world];
+            let e = g.allgather_into(&mine, &mut into).unwrap_err();
+            assert!(matches!(e, CommError::InvalidArgument { .. }), "{e}");
             // mismatched lengths are an error on every rank, not a hang
             let mut v = vec![1.0f32; 10 + rank];
             let e = g.allreduce_f32(&mut v).unwrap_err();

@@ -173,6 +173,31 @@ pub trait Communicator: Send {
     /// [`CommError`].
     fn barrier(&mut self) -> Result<(), CommError>;
 
+    /// Gathers every rank's `send`, all of one length, into `recv`
+    /// (`size() x send.len()` bytes, in rank order). The shared-memory
+    /// group allocates nothing here (the caller's buffer is the only one,
+    /// so running out of memory cannot happen inside the collective); the
+    /// default goes through [`allgather_bytes`](Self::allgather_bytes) and
+    /// copies.
+    ///
+    /// # Errors
+    /// [`CommError::InvalidArgument`] if the ranks' lengths differ or
+    /// `recv` does not hold them all; other [`CommError`]s as
+    /// `allgather_bytes`.
+    fn allgather_into(&mut self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
+        let (all, sizes) = self.allgather_bytes(send)?;
+        if all.len() != recv.len() || sizes.iter().any(|&s| s != send.len()) {
+            return Err(CommError::InvalidArgument {
+                reason: format!(
+                    "allgather_into: contributions of {sizes:?} bytes for a buffer of {}",
+                    recv.len()
+                ),
+            });
+        }
+        recv.copy_from_slice(&all);
+        Ok(())
+    }
+
     /// Tells the other ranks that this one has given up on the group (best
     /// effort, never blocks), so that they fail fast instead of waiting for
     /// it; used by a composite communicator whose collective failed halfway.
@@ -186,7 +211,12 @@ pub trait Communicator: Send {
     /// # Errors
     /// [`CommError`].
     fn broadcast_discard(&mut self, len: usize, root: usize) -> Result<(), CommError> {
-        let mut tmp = vec![0u8; len];
+        let mut tmp = Vec::new();
+        tmp.try_reserve_exact(len)
+            .map_err(|_| CommError::InvalidArgument {
+                reason: format!("broadcast: cannot allocate {len} bytes to receive into"),
+            })?;
+        tmp.resize(len, 0u8);
         self.broadcast_bytes(&mut tmp, root)
     }
 

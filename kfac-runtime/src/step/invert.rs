@@ -53,6 +53,7 @@ pub(crate) fn run(
         }
     };
     let eig = cfg.method == Method::Eigen;
+    let ex_world = ex.world();
 
     // Local: the factors this rank owns.
     let local = (|| {
@@ -127,51 +128,77 @@ pub(crate) fn run(
         for (t, r) in mine {
             results[t] = Some(r);
         }
-        Ok(results)
+        // One buffer for every share below (the largest factor result),
+        // allocated before the status round: every rank can take part.
+        let buf_len = if ex_world > 1 {
+            (0..2 * nl)
+                .filter(|&t| !layers[t / 2].excluded)
+                .map(|t| distributed::inv_len(factor_of(t), eig))
+                .max()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let buf = mem::filled(buf_len, 0.0f32, "decompositions shared with other ranks")?;
+        Ok((results, buf))
     })();
-    let mut results = ex.settle(local)?;
+    let (mut results, mut buf) = ex.settle(local)?;
 
     // Exchange: each factor from its owner to the members of its group.
+    // A receiver that cannot store what it received records the error and
+    // keeps taking part; the status round below fails the step everywhere.
+    let mut received_ok: Result<()> = Ok(());
     for (t, slot) in results.iter_mut().enumerate() {
         let li = t / 2;
-        if layers[li].excluded {
+        if layers[li].excluded || ex_world == 1 {
             continue;
         }
         let f = factor_of(t);
         let len = distributed::inv_len(f, eig);
         let mut received = None;
         ex.share(
-            len,
+            &mut buf[..len],
             roles.owner(t),
             roles.member(li),
-            || {
-                slot.as_ref()
-                    .map(distributed::inv_to_vec)
-                    .unwrap_or_default()
+            |out| match slot.as_ref() {
+                Some(r) => distributed::inv_write(r, out),
+                // Cannot happen (the owner computed it); NaN is refused by
+                // the receivers' finiteness checks.
+                None => out.fill(f32::NAN),
             },
             |v| {
-                received = Some(distributed::inv_from_vec(f, eig, v));
-                Ok(())
+                let what = format!("layer '{}': received decomposition", layers[li].name);
+                match distributed::inv_read(f, eig, v, &what) {
+                    Ok(r) => received = Some(r),
+                    Err(e) => {
+                        if received_ok.is_ok() {
+                            received_ok = Err(e);
+                        }
+                    }
+                }
             },
         )?;
         if received.is_some() {
             *slot = received;
         }
     }
+    drop(buf);
 
     // Local: the caches of the layers this rank preconditions.
     let mut it = results.into_iter();
-    let local: Result<Vec<Option<InverseCache>>> = (0..nl)
-        .map(|li| {
-            let (a, g) = (it.next().flatten(), it.next().flatten());
-            match (a, g) {
-                (Some(a), Some(g)) if roles.member(li) => {
-                    assemble(&layers[li].name, a, g, cfg, plan.damping).map(Some)
+    let local: Result<Vec<Option<InverseCache>>> = received_ok.and_then(|()| {
+        (0..nl)
+            .map(|li| {
+                let (a, g) = (it.next().flatten(), it.next().flatten());
+                match (a, g) {
+                    (Some(a), Some(g)) if roles.member(li) => {
+                        assemble(&layers[li].name, a, g, cfg, plan.damping).map(Some)
+                    }
+                    _ => Ok(None),
                 }
-                _ => Ok(None),
-            }
-        })
-        .collect();
+            })
+            .collect()
+    });
     ex.settle(local)
 }
 

@@ -83,9 +83,24 @@ impl Preconditioner {
     /// factors and decompositions stay in use, and the error is
     /// [`Error::StatisticsDiscarded`](crate::Error::StatisticsDiscarded)
     /// around the cause; the next step with new observations can succeed.
+    /// Running out of memory ([`ErrorKind::OutOfMemory`](crate::ErrorKind::OutOfMemory),
+    /// on any rank) discards nothing: the step can be retried as it was.
     pub fn step(&mut self, grads: &mut [LayerGrad<'_>]) -> Result<StepStats> {
         run(self, grads)
     }
+}
+
+/// Whether `e` is running out of memory, on this rank or on another.
+fn out_of_memory(e: &crate::Error) -> bool {
+    use crate::{Error, ErrorKind};
+    e.kind() == ErrorKind::OutOfMemory
+        || matches!(
+            e,
+            Error::RankFailed {
+                kind: ErrorKind::OutOfMemory,
+                ..
+            }
+        )
 }
 
 /// One step (see [`Preconditioner::step`] for the contract).
@@ -119,9 +134,13 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
     // phase's status round, on another: every rank sees the same).
     let mut numeric_failure = false;
     let outcome: Result<(Outcome, [Duration; 3])> = (|| {
-        let local = validate::gradients(ctx.layers, grads, plan.factor_due);
-        let index = ex.agree(local, || distributed::digest(ctx.cfg, ctx.layers))?;
-        let (new_factors, t_factor) = timed(&mut ex, |ex| factors::run(&ctx, &plan, ex));
+        // The statistics to sum are packed (allocated) before the
+        // agreement, so that running out of memory is settled with it.
+        let world = ex.world();
+        let local = validate::gradients(ctx.layers, grads, plan.factor_due)
+            .and_then(|index| Ok((index, factors::outgoing(&ctx, &plan, world)?)));
+        let (index, out) = ex.agree(local, || distributed::digest(ctx.cfg, ctx.layers))?;
+        let (new_factors, t_factor) = timed(&mut ex, |ex| factors::run(&ctx, &plan, out, ex));
         numeric_failure = new_factors.is_err();
         let new_factors = new_factors?;
         let (new_inv, t_inv) = timed(&mut ex, |ex| {
@@ -148,11 +167,18 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
     let traffic = ex.traffic;
     let (outcome, [t_factor, t_inv, t_prec]) = match outcome {
         Ok(o) => o,
-        Err(e) if numeric_failure && plan.factor_due && !matches!(e, crate::Error::Comm(_)) => {
+        Err(e)
+            if numeric_failure
+                && plan.factor_due
+                && !matches!(e, crate::Error::Comm(_))
+                && !out_of_memory(&e) =>
+        {
             // Without this a bad statistic (an overflowing sum across
             // ranks, an indefinite caller-made statistic) would be mixed
             // into every later update and the preconditioner would never
-            // recover. Every rank takes this branch together.
+            // recover. Every rank takes this branch together. Running out
+            // of memory is not the statistics' fault: they are kept, and
+            // the step can be retried.
             for l in &mut p.layers {
                 l.acc.clear();
             }

@@ -62,10 +62,32 @@ pub(crate) fn run(
             })
             .collect()
     });
-    let mut results = ex.settle(local)?;
-    if roles.everyone_preconditions() {
+    // One buffer for every share below (the largest V), allocated before
+    // the status round so that every rank can take part.
+    let sharing = !roles.everyone_preconditions() && ex.world() > 1;
+    let local = local.and_then(|r| {
+        let len = if sharing {
+            layers
+                .iter()
+                .filter(|l| !l.excluded)
+                .map(|l| l.kind.dims().0 * l.kind.dims().1)
+                .max()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        Ok((
+            r,
+            crate::mem::filled(len, 0.0f32, "gradients shared with other ranks")?,
+        ))
+    });
+    let (mut results, mut buf) = ex.settle(local)?;
+    if !sharing {
         return Ok(results);
     }
+    // A receiver that cannot use what it received records the error and
+    // keeps taking part; the status round below fails the step everywhere.
+    let mut received_ok: Result<()> = Ok(());
     for (li, l) in layers.iter().enumerate() {
         if l.excluded {
             continue;
@@ -74,31 +96,63 @@ pub(crate) fn run(
         let mine = &results[li];
         let mut received = None;
         ex.share(
-            d_out * d,
+            &mut buf[..d_out * d],
             roles.lead(li),
             !roles.member(li),
-            || {
-                mine.as_ref()
-                    .map(|(v, _)| v.col_iter().flat_map(|c| c.iter().copied()).collect())
-                    .unwrap_or_default()
+            |out| match mine {
+                Some((v, _)) => {
+                    for (j, c) in v.col_iter().enumerate() {
+                        c.iter()
+                            .zip(&mut out[j * d_out..(j + 1) * d_out])
+                            .for_each(|(x, o)| *o = *x);
+                    }
+                }
+                // Cannot happen (the lead computed it); NaN is refused by
+                // the receivers' finiteness checks.
+                None => out.fill(f32::NAN),
             },
             |flat| {
-                let v = Mat::from_fn(d_out, d, |i, j| flat[i + j * d_out]);
-                let (w, b) = view(li).ok_or_else(|| Error::MissingGradient {
-                    layer: l.name.clone(),
-                })?;
-                let raw = gather(&l.kind, w, b)?;
-                let dot =
-                    kl::frobenius_dot(v.as_ref(), raw.as_ref()).map_err(kerr(&l.name))? as f64;
-                received = Some((v, dot));
-                Ok(())
+                let r = receive(l, flat, view(li));
+                match r {
+                    Ok(r) => received = Some(r),
+                    Err(e) => {
+                        if received_ok.is_ok() {
+                            received_ok = Err(e);
+                        }
+                    }
+                }
             },
         )?;
         if received.is_some() {
             results[li] = received;
         }
     }
-    Ok(results)
+    drop(buf);
+    ex.settle(received_ok.map(|()| results))
+}
+
+/// A layer's `V` received from its lead (column-major in `flat`), and
+/// `<V, grad>` computed here from this rank's gradient.
+fn receive(
+    l: &LayerState,
+    flat: &[f32],
+    grad: Option<(MatRef<'_, f32>, Option<&[f32]>)>,
+) -> Result<Preconditioned> {
+    let (d_out, d) = l.kind.dims();
+    let v = crate::mem::from_fn(d_out, d, "received gradient", |i, j| flat[i + j * d_out])
+        .map_err(crate::mem::in_layer(&l.name))?;
+    if !v.col_iter().all(|c| c.iter().all(|x| x.is_finite())) {
+        return Err(Error::non_finite(
+            &l.name,
+            "the preconditioned gradient received from its lead".into(),
+        ));
+    }
+    let (w, b) = grad.ok_or_else(|| Error::MissingGradient {
+        layer: l.name.clone(),
+    })?;
+    let raw = gather(&l.kind, w, b).map_err(crate::mem::in_layer(&l.name))?;
+    let dot = kl::frobenius_dot(v.as_ref(), raw.as_ref()).map_err(kerr(&l.name))? as f64;
+    Ok((v, dot))
 }
 
 /// The internal `d_out x d` gradient (bias as the last column) of a layer.
@@ -131,9 +185,10 @@ fn precondition(
     damping: f64,
 ) -> Result<(Mat<f32>, f64)> {
     let name = &l.name;
-    let raw = gather(&l.kind, w, b)?;
+    let raw = gather(&l.kind, w, b).map_err(crate::mem::in_layer(name))?;
     let (d_out, d) = (raw.nrows(), raw.ncols());
-    let mut v = crate::mem::from_fn(d_out, d, "gradient copy", |i, j| raw[(i, j)])?;
+    let mut v = crate::mem::from_fn(d_out, d, "gradient copy", |i, j| raw[(i, j)])
+        .map_err(crate::mem::in_layer(name))?;
     let par = Par::Seq;
     l.scratch
         .with(crate::state::precondition_scratch(d_out, d), |stack| {

@@ -690,6 +690,55 @@ impl Communicator for ShmGroup {
         })
     }
 
+    fn allgather_into(&mut self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
+        self.guard(|g| {
+            let world = g.world;
+            let n = send.len();
+            let my = n as u64;
+            // Every rank learns every length in the first round, so all
+            // refuse a mismatch together.
+            let mut equal = true;
+            g.round(
+                "allgather",
+                Some((4, 0, 0)),
+                |slot| slot[..8].copy_from_slice(&my.to_le_bytes()),
+                |g| {
+                    for r in 0..world {
+                        let b = g.slot(r, 8);
+                        let s = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                        equal &= s == my;
+                    }
+                    Ok(())
+                },
+            )?;
+            if !equal || Some(recv.len()) != n.checked_mul(world) {
+                return Err(CommError::InvalidArgument {
+                    reason: format!(
+                        "allgather_into: contributions of different lengths, or {} bytes for {world} x {n}",
+                        recv.len()
+                    ),
+                });
+            }
+            let chunk = g.slot_bytes;
+            for k in 0..n.div_ceil(chunk) {
+                let lo = k * chunk;
+                let hi = (lo + chunk).min(n);
+                g.round(
+                    "allgather",
+                    None,
+                    |slot| slot[..hi - lo].copy_from_slice(&send[lo..hi]),
+                    |g| {
+                        for r in 0..world {
+                            recv[r * n + lo..r * n + hi].copy_from_slice(g.slot(r, hi - lo));
+                        }
+                        Ok(())
+                    },
+                )?;
+            }
+            Ok(())
+        })
+    }
+
     fn barrier(&mut self) -> Result<(), CommError> {
         self.guard(|g| g.round("barrier", Some((5, 0, 0)), |_| {}, |_| Ok(())))
     }
