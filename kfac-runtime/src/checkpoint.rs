@@ -44,9 +44,70 @@ const HEADER: usize = 24;
 impl Preconditioner {
     /// The full state (configuration, layers, factors, accumulators, inverse
     /// cache, counters) as bytes in the [documented format](self).
+    ///
+    /// # Panics
+    /// If the bytes cannot be allocated; [`try_save`](Self::try_save)
+    /// returns that as an error.
     pub fn save(&self) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(self.state_bytes() + 4096));
-        write_config(&mut w, &self.config);
+        match self.try_save() {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// [`save`](Self::save), with an allocation failure as an error.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] with the checkpoint's size.
+    ///
+    /// # Example
+    /// ```
+    /// use kfac_runtime::{Config, Preconditioner};
+    /// let p = Preconditioner::new(Config::default()).unwrap();
+    /// let bytes = p.try_save().unwrap();
+    /// assert_eq!(bytes.len(), p.checkpoint_len());
+    /// let mut buf = vec![0u8; p.checkpoint_len()];
+    /// assert_eq!(p.save_into(&mut buf), Some(bytes.len()));
+    /// assert_eq!(buf, bytes);
+    /// ```
+    pub fn try_save(&self) -> Result<Vec<u8>> {
+        let n = self.checkpoint_len();
+        let mut out = crate::mem::filled(n, 0u8, "checkpoint")?;
+        let written = self.save_into(&mut out);
+        debug_assert_eq!(written, Some(n));
+        Ok(out)
+    }
+
+    /// The size in bytes of [`save`](Self::save)'s result, computed without
+    /// writing it.
+    pub fn checkpoint_len(&self) -> usize {
+        let mut w = W::counter();
+        self.write_payload(&mut w);
+        HEADER + w.len()
+    }
+
+    /// Writes [`save`](Self::save)'s bytes into `out` without allocating;
+    /// returns their length, or `None` (and writes nothing) if `out` is
+    /// shorter than [`checkpoint_len`](Self::checkpoint_len).
+    pub fn save_into(&self, out: &mut [u8]) -> Option<usize> {
+        let n = self.checkpoint_len();
+        if out.len() < n {
+            return None;
+        }
+        let (header, payload) = out[..n].split_at_mut(HEADER);
+        let mut w = W::slice(payload);
+        self.write_payload(&mut w);
+        debug_assert_eq!(w.len(), n - HEADER);
+        header[..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[12..20].copy_from_slice(&((n - HEADER) as u64).to_le_bytes());
+        header[20..24].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        Some(n)
+    }
+
+    /// The checkpoint's payload (everything after the header).
+    fn write_payload(&self, w: &mut W<'_>) {
+        write_config(w, &self.config);
         w.u64(self.steps);
         w.u64(self.factor_updates);
         w.f64(self.damping_now);
@@ -55,7 +116,7 @@ impl Preconditioner {
         w.u32(self.layers.len() as u32);
         for l in &self.layers {
             w.str(&l.name);
-            write_kind(&mut w, &l.kind);
+            write_kind(w, &l.kind);
             w.bool(l.excluded);
             w.factor(&l.a);
             w.factor(&l.g);
@@ -98,14 +159,6 @@ impl Preconditioner {
                 }
             }
         }
-        let payload = w.0;
-        let mut out = Vec::with_capacity(HEADER + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        out
     }
 
     /// Restores a preconditioner from [`save`](Self::save)'s bytes. It
@@ -114,7 +167,8 @@ impl Preconditioner {
     /// # Errors
     /// [`Error::Checkpoint`] naming what is wrong: a short or foreign header,
     /// another format version, a length or checksum mismatch, or a payload
-    /// that does not decode to a consistent state.
+    /// that does not decode to a consistent state;
+    /// [`Error::OutOfMemory`] if the state cannot be allocated.
     pub fn load(bytes: &[u8]) -> Result<Self> {
         if bytes.len() < HEADER {
             return Err(Error::checkpoint(format!(
@@ -166,8 +220,11 @@ impl Preconditioner {
         for li in 0..nl {
             let name = r.str("layer name")?;
             let kind = read_kind(&mut r)?;
-            kind.validate(&name)
-                .map_err(|e| Error::checkpoint(format!("layer {li}: {e}")))?;
+            kind.validate(&name).map_err(|e| match e {
+                // Memory, not the checkpoint, is at fault.
+                Error::OutOfMemory { .. } => e,
+                e => Error::checkpoint(format!("layer {li}: {e}")),
+            })?;
             let excluded = r.bool("excluded flag")?;
             let mut l = LayerState::new(name, kind, excluded, config.compat, &budget)?;
             let a = r.factor("factor A")?;

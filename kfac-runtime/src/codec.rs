@@ -12,17 +12,78 @@ use crate::state::Factor;
 use crate::{Error, Result};
 
 /// Little-endian byte writer.
-pub(crate) struct W(pub(crate) Vec<u8>);
+pub(crate) struct W<'a> {
+    sink: Sink<'a>,
+    len: usize,
+}
 
-impl W {
+/// Where a [`W`] puts its bytes.
+enum Sink<'a> {
+    /// Nowhere: only the length is counted.
+    Count,
+    /// A growing vector.
+    Vec(Vec<u8>),
+    /// A slice long enough for everything written (the caller measured it
+    /// with [`W::counter`]).
+    Slice(&'a mut [u8]),
+}
+
+impl<'a> W<'a> {
+    /// Into a growing vector ([`W::into_vec`]).
+    pub(crate) fn new() -> Self {
+        Self {
+            sink: Sink::Vec(Vec::new()),
+            len: 0,
+        }
+    }
+
+    /// Counts the bytes without storing them ([`W::len`]).
+    pub(crate) fn counter() -> Self {
+        Self {
+            sink: Sink::Count,
+            len: 0,
+        }
+    }
+
+    /// Into `s`, which must hold everything written (measured first with
+    /// [`W::counter`]; a short slice panics).
+    pub(crate) fn slice(s: &'a mut [u8]) -> Self {
+        Self {
+            sink: Sink::Slice(s),
+            len: 0,
+        }
+    }
+
+    /// Bytes written.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The vector of [`W::new`] (empty for the other sinks).
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        match self.sink {
+            Sink::Vec(v) => v,
+            _ => Vec::new(),
+        }
+    }
+
+    fn put(&mut self, b: &[u8]) {
+        match &mut self.sink {
+            Sink::Count => {}
+            Sink::Vec(v) => v.extend_from_slice(b),
+            Sink::Slice(s) => s[self.len..self.len + b.len()].copy_from_slice(b),
+        }
+        self.len += b.len();
+    }
+
     pub(crate) fn u8(&mut self, v: u8) {
-        self.0.push(v);
+        self.put(&[v]);
     }
     pub(crate) fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.put(&v.to_le_bytes());
     }
     pub(crate) fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.put(&v.to_le_bytes());
     }
     pub(crate) fn f64(&mut self, v: f64) {
         self.u64(v.to_bits());
@@ -35,12 +96,12 @@ impl W {
     }
     pub(crate) fn str(&mut self, s: &str) {
         self.u32(s.len() as u32);
-        self.0.extend_from_slice(s.as_bytes());
+        self.put(s.as_bytes());
     }
     pub(crate) fn f32s(&mut self, v: &[f32]) {
         self.usize(v.len());
         for x in v {
-            self.0.extend_from_slice(&x.to_bits().to_le_bytes());
+            self.put(&x.to_bits().to_le_bytes());
         }
     }
     pub(crate) fn mat(&mut self, m: &Mat<f32>) {
@@ -48,7 +109,7 @@ impl W {
         self.usize(m.ncols());
         for j in 0..m.ncols() {
             for i in 0..m.nrows() {
-                self.0.extend_from_slice(&m[(i, j)].to_bits().to_le_bytes());
+                self.put(&m[(i, j)].to_bits().to_le_bytes());
             }
         }
     }

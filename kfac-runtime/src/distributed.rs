@@ -70,7 +70,7 @@ pub(crate) fn group_of(rank: usize, gsize: usize, world: usize) -> std::ops::Ran
 /// FNV-1a digest of the configuration (without `threads`, which may differ
 /// per rank) and the layer list.
 pub(crate) fn digest(config: &Config, layers: &[LayerState]) -> u64 {
-    let mut w = W(Vec::new());
+    let mut w = W::new();
     let c = Config {
         threads: 0,
         ..config.clone()
@@ -83,7 +83,7 @@ pub(crate) fn digest(config: &Config, layers: &[LayerState]) -> u64 {
         w.u8(l.excluded as u8);
     }
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in w.0 {
+    for b in w.into_vec() {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

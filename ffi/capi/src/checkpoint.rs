@@ -17,7 +17,7 @@ pub unsafe extern "C" fn kfac_save_size(p: *const KfacPrecond, out_size: *mut us
     guard(|| {
         non_null(out_size, "out_size")?;
         // SAFETY: forwarded contract.
-        let n = unsafe { precond::with_ref(p, |pc| Ok(pc.save().len())) }?;
+        let n = unsafe { precond::with_ref(p, |pc| Ok(pc.checkpoint_len())) }?;
         // SAFETY: checked non-NULL; writable by contract.
         unsafe { out_size.write(n) };
         Ok(())
@@ -25,8 +25,8 @@ pub unsafe extern "C" fn kfac_save_size(p: *const KfacPrecond, out_size: *mut us
 }
 
 /// Writes the full state (the documented checkpoint format) into `buf` of
-/// `len` bytes; `written` receives the size. `KFAC_ERR_BUFFER_TOO_SMALL`
-/// when `len` is short (nothing is written).
+/// `len` bytes, allocating nothing; `written` receives the size.
+/// `KFAC_ERR_BUFFER_TOO_SMALL` when `len` is short (nothing is written).
 ///
 /// # Safety
 /// `p` a live handle; `buf` `len` writable bytes; `written` writable.
@@ -40,21 +40,26 @@ pub unsafe extern "C" fn kfac_save(
     guard(|| {
         non_null(buf, "buf")?;
         non_null(written, "written")?;
-        // SAFETY: forwarded contract.
-        let bytes = unsafe { precond::with_ref(p, |pc| Ok(pc.save())) }?;
-        if bytes.len() > len {
-            return fail(
-                KfacStatus::KFAC_ERR_BUFFER_TOO_SMALL,
-                format!("checkpoint needs {} bytes, buffer has {len}", bytes.len()),
-            );
-        }
-        // SAFETY: `buf` has `len >= bytes.len()` writable bytes and cannot
-        // overlap the fresh `bytes`; `written` non-NULL, writable.
+        // SAFETY: forwarded contract; `buf` has `len` writable bytes that
+        // alias nothing the handle owns.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, bytes.len());
-            written.write(bytes.len());
+            precond::with_ref(p, |pc| {
+                let out = std::slice::from_raw_parts_mut(buf, len);
+                match pc.save_into(out) {
+                    Some(n) => {
+                        written.write(n);
+                        Ok(())
+                    }
+                    None => fail(
+                        KfacStatus::KFAC_ERR_BUFFER_TOO_SMALL,
+                        format!(
+                            "checkpoint needs {} bytes, buffer has {len}",
+                            pc.checkpoint_len()
+                        ),
+                    ),
+                }
+            })
         }
-        Ok(())
     })
 }
 
