@@ -209,7 +209,11 @@ typedef struct {
   // so any value C stores is well-defined and an unknown one is refused).
   // Default `KFAC_METHOD_EIGEN`.
   uint32_t method;
-  // 1: eigendecompositions in f64 (default), 0: in f32.
+  // Precision of the eigendecompositions (`Precision` in Rust): 0 f32,
+  // 1 f64, 2 automatic per layer (the default: f32 where its predicted
+  // error of the preconditioned gradient is at most 1e-3, f64
+  // otherwise; see `Precision::Auto`). The name is historical: 1 was
+  // the default before 2 existed.
   uint32_t eigen_f64;
   // 1: precompute 1/(l_G l_A^T + damping) at the inverse step. Default 0.
   uint32_t precompute_denominators;
@@ -650,8 +654,8 @@ KfacStatus kfac_num_layers(const KfacPrecond *p, size_t *out);
 KfacStatus kfac_save_size(const KfacPrecond *p, size_t *out_size);
 
 // Writes the full state (the documented checkpoint format) into `buf` of
-// `len` bytes; `written` receives the size. `KFAC_ERR_BUFFER_TOO_SMALL`
-// when `len` is short (nothing is written).
+// `len` bytes, allocating nothing; `written` receives the size.
+// `KFAC_ERR_BUFFER_TOO_SMALL` when `len` is short (nothing is written).
 //
 // # Safety
 // `p` a live handle; `buf` `len` writable bytes; `written` writable.

@@ -93,6 +93,88 @@ pub fn sym_eigen<T: Real>(
     Ok(())
 }
 
+/// Scratch needed by [`largest_eigenvalue_estimate`] for a `dim x dim`
+/// matrix.
+pub fn largest_eigenvalue_estimate_scratch(dim: usize) -> StackReq {
+    temp_mat_scratch::<f64>(dim, 2)
+}
+
+/// A lower estimate of the largest eigenvalue of a symmetric PSD factor
+/// (its lower triangle is read): the larger of its largest diagonal entry
+/// and the Rayleigh quotient after `iters` power iterations (in f64, in a
+/// fixed order: the same bits for any thread count), from a fixed start
+/// vector. `O(iters n^2)`, against the `O(n^3)` of a decomposition; used to
+/// predict the rounding error of an f32 decomposition before making it.
+/// For a PSD matrix the result is at most the largest eigenvalue, and
+/// close to it unless the start vector is nearly orthogonal to the top
+/// eigenvectors.
+///
+/// ```
+/// use faer::{Mat, dyn_stack::{MemBuffer, MemStack}};
+/// use kfac_kernels::eigen::*;
+/// let a = Mat::<f32>::from_fn(3, 3, |i, j| if i == j { [1.0, 4.0, 2.0][i] } else { 0.5 });
+/// let mut buf = MemBuffer::new(largest_eigenvalue_estimate_scratch(3));
+/// let l = largest_eigenvalue_estimate(a.as_ref(), 20, MemStack::new(&mut buf)).unwrap();
+/// assert!(l > 4.0 && l <= 4.5); // the largest eigenvalue is ~4.43
+/// ```
+///
+/// # Errors
+/// [`Error::DimensionMismatch`] unless square, [`Error::NonFinite`] for a
+/// NaN/Inf in the lower triangle, [`Error::ScratchTooSmall`].
+pub fn largest_eigenvalue_estimate<T: Real>(
+    a: MatRef<'_, T>,
+    iters: usize,
+    stack: &mut MemStack,
+) -> Result<f64> {
+    let n = check::square("factor", a)?;
+    check::finite_lower("factor", a)?;
+    check::stack(stack, largest_eigenvalue_estimate_scratch(n))?;
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let diag = (0..n).map(|i| a[(i, i)].to_f64()).fold(0.0f64, f64::max);
+    let (mut w, _) = temp_mat_zeroed::<f64, _, _>(n, 2, stack);
+    let mut w = w.as_mat_mut();
+    let (v, y) = w.rb_mut().two_cols_mut(0, 1);
+    // Columns of a fresh temporary matrix are contiguous.
+    let (Some(v), Some(y)) = (v.try_as_col_major_mut(), y.try_as_col_major_mut()) else {
+        return Ok(diag);
+    };
+    let (mut v, mut y) = (v.as_slice_mut(), y.as_slice_mut());
+    // A start vector with every component nonzero and no sign pattern a
+    // factor of centered data would be orthogonal to.
+    for (i, x) in v.iter_mut().enumerate() {
+        *x = 1.0 + ((i * 7919) % 13) as f64 / 13.0;
+    }
+    let mut rq = 0.0f64;
+    for _ in 0..iters {
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm == 0.0 || !norm.is_finite() {
+            break;
+        }
+        for x in v.iter_mut() {
+            *x /= norm;
+        }
+        // y = A v from the lower triangle.
+        for x in y.iter_mut() {
+            *x = 0.0;
+        }
+        for j in 0..n {
+            let vj = v[j];
+            let mut acc = a[(j, j)].to_f64() * vj;
+            for i in j + 1..n {
+                let aij = a[(i, j)].to_f64();
+                acc += aij * v[i];
+                y[i] += aij * vj;
+            }
+            y[j] += acc;
+        }
+        rq = v.iter().zip(y.iter()).map(|(p, q)| p * q).sum::<f64>();
+        core::mem::swap(&mut v, &mut y);
+    }
+    Ok(rq.max(diag))
+}
+
 /// Scratch needed by the eigen preconditioners for a `d_out x d_in` gradient.
 pub fn precondition_eigen_scratch<T: Real>(d_out: usize, d_in: usize, par: Par) -> StackReq {
     let _ = par;

@@ -288,6 +288,7 @@ pub(crate) fn write_config(w: &mut W, c: &Config) {
     w.u8(match c.eigen_precision {
         Precision::F32 => 0,
         Precision::F64 => 1,
+        Precision::Auto => 2,
     });
     w.bool(c.precompute_denominators);
     w.usize(c.exclude.len());
@@ -330,6 +331,7 @@ pub(crate) fn read_config(r: &mut R<'_>, version: u32) -> Result<Config> {
     let eigen_precision = match r.u8("config.eigen_precision")? {
         0 => Precision::F32,
         1 => Precision::F64,
+        2 => Precision::Auto,
         t => {
             return Err(Error::checkpoint(format!(
                 "config.eigen_precision: unknown tag {t}"

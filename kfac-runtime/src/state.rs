@@ -132,7 +132,8 @@ pub(crate) fn inversion_bytes(n: usize, config: &Config) -> usize {
     match config.method {
         Method::Eigen => match config.eigen_precision {
             Precision::F32 => eigen::sym_eigen_scratch::<f32>(n, par).size_bytes(),
-            Precision::F64 => eigen::sym_eigen_scratch::<f64>(n, par)
+            // Auto may pick f64.
+            Precision::F64 | Precision::Auto => eigen::sym_eigen_scratch::<f64>(n, par)
                 .size_bytes()
                 .saturating_add(nn.saturating_mul(16)),
         },

@@ -228,8 +228,12 @@ struct Scenario {
 }
 
 fn scenarios() -> Vec<Scenario> {
+    // f64 decompositions pinned (the default became `Precision::Auto`;
+    // `preconditioner.rs` checks that Auto gives the bits of the precision
+    // it picks).
     let base = Config {
         threads: 1,
+        eigen_precision: Precision::F64,
         ..Config::default()
     };
     let s = |name, config, micro_batches| Scenario {

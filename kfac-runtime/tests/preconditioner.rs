@@ -1035,3 +1035,67 @@ fn impossible_layer_sizes_are_refused_at_registration() {
         .unwrap();
     assert_eq!(id, LayerId(0));
 }
+
+/// `Precision::Auto` (the default) picks f32 where the predicted f32 error
+/// `eps λmax(A) λmax(G) / damping` is at most 1e-3 and f64 elsewhere, per
+/// layer: with a damping 100x above that threshold its result has the bits
+/// of `Precision::F32`, 100x below those of `Precision::F64`, and the two
+/// differ (so the test can tell them apart).
+#[test]
+fn automatic_precision_gives_the_bits_of_the_precision_it_picks() {
+    use kfac_runtime::{Observation, Precision, Schedule};
+    let (da, dg) = (24usize, 6usize);
+    // Dense SPD statistics with largest eigenvalues near 25 and 2.
+    let spd = |d: usize, s: f32| {
+        faer::Mat::<f32>::from_fn(d, d, |i, j| {
+            let x = ((i * 7 + j * 7 + 3 * i * j) % 11) as f32 / 11.0;
+            if i == j {
+                s + x
+            } else {
+                s * 0.9 + 0.01 * x
+            }
+        })
+    };
+    let (a, g) = (spd(da, 1.0), spd(dg, 0.3));
+    let run = |precision: Precision, damping: f64| -> Vec<u32> {
+        let mut p = Preconditioner::new(Config {
+            eigen_precision: precision,
+            damping: Schedule::Constant(damping),
+            kl_clip: None,
+            threads: 1,
+            ..Config::default()
+        })
+        .unwrap();
+        let id = p
+            .register(
+                "k",
+                LayerKind::Kronecker {
+                    a_dim: da,
+                    g_dim: dg,
+                },
+            )
+            .unwrap();
+        p.observe(
+            id,
+            Observation::Kronecker {
+                a: a.as_ref(),
+                g: g.as_ref(),
+                samples: 8,
+            },
+        )
+        .unwrap();
+        let mut w: Vec<f32> = (0..dg * da).map(|k| ((k * 5) % 9) as f32 - 4.0).collect();
+        p.step(&mut [LayerGrad::from_row_major(id, &mut w, dg, da, None).unwrap()])
+            .unwrap();
+        w.iter().map(|x| x.to_bits()).collect()
+    };
+    // λmax(A) <= trace-free bound: rows sum to at most 1 + 0.9 * 23 + 1 < 24;
+    // λmax(G) < 0.3 * 6 + 1 < 3: threshold damping <= eps * 24 * 3 / 1e-3
+    // = 8.6e-3. λmax(A) >= 0.9 * 24 * 0.9 ~ 19, λmax(G) >= 1.5: threshold
+    // >= 3.4e-3.
+    let (high, low) = (1.0, 3e-5);
+    assert_eq!(run(Precision::Auto, high), run(Precision::F32, high));
+    assert_eq!(run(Precision::Auto, low), run(Precision::F64, low));
+    assert_ne!(run(Precision::F32, low), run(Precision::F64, low));
+    assert_eq!(Config::default().eigen_precision, Precision::Auto);
+}

@@ -59,7 +59,11 @@ pub struct KfacConfig {
     /// so any value C stores is well-defined and an unknown one is refused).
     /// Default `KFAC_METHOD_EIGEN`.
     pub method: u32,
-    /// 1: eigendecompositions in f64 (default), 0: in f32.
+    /// Precision of the eigendecompositions (`Precision` in Rust): 0 f32,
+    /// 1 f64, 2 automatic per layer (the default: f32 where its predicted
+    /// error of the preconditioned gradient is at most 1e-3, f64
+    /// otherwise; see `Precision::Auto`). The name is historical: 1 was
+    /// the default before 2 existed.
     pub eigen_f64: u32,
     /// 1: precompute 1/(l_G l_A^T + damping) at the inverse step. Default 0.
     pub precompute_denominators: u32,
@@ -150,7 +154,11 @@ impl KfacConfig {
                 Method::Eigen => KfacMethod::KFAC_METHOD_EIGEN as u32,
                 Method::Inverse => KfacMethod::KFAC_METHOD_INVERSE as u32,
             },
-            eigen_f64: (cfg.eigen_precision == Precision::F64) as u32,
+            eigen_f64: match cfg.eigen_precision {
+                Precision::F32 => 0,
+                Precision::F64 => 1,
+                Precision::Auto => 2,
+            },
             precompute_denominators: cfg.precompute_denominators as u32,
             kfac_pytorch_compat: (cfg.compat == Compat::KfacPytorch) as u32,
             threads: u32::try_from(cfg.threads).ok()?,
@@ -201,10 +209,16 @@ impl KfacConfig {
                     )
                 }
             },
-            eigen_precision: if flag(c.eigen_f64, "eigen_f64")? {
-                Precision::F64
-            } else {
-                Precision::F32
+            eigen_precision: match c.eigen_f64 {
+                0 => Precision::F32,
+                1 => Precision::F64,
+                2 => Precision::Auto,
+                v => {
+                    return fail(
+                        KfacStatus::KFAC_ERR_INVALID_ARGUMENT,
+                        format!("eigen_f64 {v} is not 0 (f32), 1 (f64) or 2 (automatic)"),
+                    )
+                }
             },
             precompute_denominators: flag(c.precompute_denominators, "precompute_denominators")?,
             exclude: Vec::new(),

@@ -280,7 +280,7 @@ fn non_finite_kl_clip_and_bad_config_fields_are_refused() {
         ("damping 0", Box::new(|c| c.damping = 0.0)),
         ("factor_decay 1", Box::new(|c| c.factor_decay = 1.0)),
         ("method 2", Box::new(|c| c.method = 2)),
-        ("eigen_f64 2", Box::new(|c| c.eigen_f64 = 2)),
+        ("eigen_f64 3", Box::new(|c| c.eigen_f64 = 3)),
         ("precompute 3", Box::new(|c| c.precompute_denominators = 3)),
         ("compat 9", Box::new(|c| c.kfac_pytorch_compat = 9)),
         ("wire 3", Box::new(|c| c.wire = 3)),

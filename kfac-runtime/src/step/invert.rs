@@ -72,6 +72,7 @@ pub(crate) fn run(
                 }
             })
             .collect::<Result<_>>()?;
+        let precision = precisions(ctx, plan, roles, &factor_of)?;
         let mut tasks: Vec<usize> = (0..2 * nl)
             .filter(|&t| !layers[t / 2].excluded && roles.owns(t))
             .collect();
@@ -108,8 +109,9 @@ pub(crate) fn run(
                         // A lone factor gets every thread.
                         let th = if tasks.len() == 1 { threads } else { 1 };
                         let name = &layers[li].name;
-                        let r = invert_one(name, factor_of(t), cfg, shift, th, scratch)
-                            .map_err(mem::in_layer(name));
+                        let r =
+                            invert_one(name, factor_of(t), cfg, precision[li], shift, th, scratch)
+                                .map_err(mem::in_layer(name));
                         out.push((t, r));
                     }
                     out
@@ -221,7 +223,7 @@ fn eig(
             })?;
             Ok((q, l))
         }
-        Precision::F64 => {
+        Precision::F64 | Precision::Auto => {
             let what = format!("layer '{name}': f64 eigendecomposition");
             let w = mem::from_fn::<f64>(n, n, &what, |i, j| m[(i, j)] as f64)?;
             let mut q = mem::zeros::<f64>(n, n, &what)?;
@@ -237,6 +239,53 @@ fn eig(
             Ok((q32, l32))
         }
     }
+}
+
+/// The eigendecomposition precision of each layer at this inversion:
+/// [`Precision::resolve`] of the configured one, from estimates of the
+/// largest eigenvalues of both factors (computed, in parallel, only for
+/// the layers with a factor this rank owns; the estimate is deterministic,
+/// so every owner decides alike).
+fn precisions<'f>(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    roles: &Roles,
+    factor_of: &(dyn Fn(usize) -> &'f Factor + Sync),
+) -> Result<Vec<Precision>> {
+    let layers = ctx.layers;
+    let p = ctx.cfg.eigen_precision;
+    if p != Precision::Auto || ctx.cfg.method != Method::Eigen {
+        return Ok(vec![p; layers.len()]);
+    }
+    let lambda = |f: &Factor| -> Result<f64> {
+        match f {
+            Factor::Diag(d) => Ok(d.iter().fold(0.0f64, |m, &v| m.max(v as f64))),
+            Factor::Dense(m) => {
+                let req = eigen::largest_eigenvalue_estimate_scratch(m.nrows());
+                let mut buf = faer::dyn_stack::MemBuffer::try_new(req)
+                    .map_err(|_| mem::oom("eigenvalue estimate", req.size_bytes()))?;
+                Ok(eigen::largest_eigenvalue_estimate(
+                    m.as_ref(),
+                    Precision::AUTO_POWER_ITERATIONS,
+                    faer::dyn_stack::MemStack::new(&mut buf),
+                )?)
+            }
+        }
+    };
+    ctx.pool.install(|| {
+        (0..layers.len())
+            .into_par_iter()
+            .map(|li| {
+                let l = &layers[li];
+                if l.excluded || !(roles.owns(2 * li) || roles.owns(2 * li + 1)) {
+                    return Ok(Precision::F64);
+                }
+                let la = lambda(factor_of(2 * li)).map_err(mem::in_layer(&l.name))?;
+                let lg = lambda(factor_of(2 * li + 1)).map_err(mem::in_layer(&l.name))?;
+                Ok(p.resolve(la, lg, plan.damping))
+            })
+            .collect()
+    })
 }
 
 /// The order of a factor (its cost grows as its cube; a diagonal factor
@@ -289,6 +338,7 @@ fn invert_one(
     name: &str,
     f: &Factor,
     cfg: &Config,
+    precision: Precision,
     shift: f32,
     threads: usize,
     scratch: &Scratch,
@@ -297,7 +347,7 @@ fn invert_one(
     let par = |d: usize| par_for(if d > 512 { threads } else { 1 });
     match (cfg.method, f) {
         (Method::Eigen, Factor::Dense(m)) => {
-            let (q, l) = eig(name, m, cfg.eigen_precision, par(m.nrows()), scratch)?;
+            let (q, l) = eig(name, m, precision, par(m.nrows()), scratch)?;
             Ok(FactorInv::Eigen { q: Some(q), l })
         }
         (Method::Eigen, Factor::Diag(d)) => {
