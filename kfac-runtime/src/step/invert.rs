@@ -83,6 +83,19 @@ pub(crate) fn run(
         tasks.sort_by_key(|&t| std::cmp::Reverse(factor_dim(factor_of(t))));
         let threads = ctx.pool.current_num_threads();
         let workers = threads.min(tasks.len());
+        // Work left from each position of the queue on (cost ~ n^3): a
+        // task larger than a thread's share of what is left runs with every
+        // thread (`wide`). A lone factor always does; of three equal large
+        // factors on two threads, the third does, once the first two ran
+        // side by side (LPT alone would leave one thread idle for all of
+        // it). A second worker that is still busy joins the parallel
+        // solver's work when it comes back to the queue.
+        let costs: Vec<f64> = tasks
+            .iter()
+            .map(|&t| (factor_dim(factor_of(t)) as f64).powi(3))
+            .collect();
+        let wide = wide_tasks(&costs, threads);
+        let wide = |k: usize| wide[k];
         let next = AtomicUsize::new(0);
         let done: Vec<Vec<(usize, Result<FactorInv>)>> = ctx.pool.install(|| {
             (0..workers)
@@ -106,8 +119,7 @@ pub(crate) fn run(
                         } else {
                             shifts[li].1
                         };
-                        // A lone factor gets every thread.
-                        let th = if tasks.len() == 1 { threads } else { 1 };
+                        let th = if wide(k) { threads } else { 1 };
                         let name = &layers[li].name;
                         let r =
                             invert_one(name, factor_of(t), cfg, precision[li], shift, th, scratch)
@@ -239,6 +251,21 @@ fn eig(
             Ok((q32, l32))
         }
     }
+}
+
+/// Which tasks of a queue in LPT order (costs given) run with all
+/// `threads`: those costing more than a thread's share of the work left
+/// from them on.
+fn wide_tasks(costs: &[f64], threads: usize) -> Vec<bool> {
+    let mut left = costs.to_vec();
+    for k in (0..left.len().saturating_sub(1)).rev() {
+        left[k] += left[k + 1];
+    }
+    costs
+        .iter()
+        .zip(&left)
+        .map(|(&c, &l)| threads > 1 && c * threads as f64 > l)
+        .collect()
 }
 
 /// The eigendecomposition precision of each layer at this inversion:
@@ -407,5 +434,30 @@ fn assemble(
             Ok(InverseCache::Inverse { a_inv, g_inv })
         }
         _ => Err(Error::mismatch(name, "inconsistent factor results".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wide_tasks;
+
+    #[test]
+    fn large_tasks_at_the_tail_of_the_queue_get_every_thread() {
+        // A lone factor; nothing to parallelize on one thread.
+        assert_eq!(wide_tasks(&[8.0], 2), [true]);
+        assert_eq!(wide_tasks(&[8.0], 1), [false]);
+        // Three equal large factors and small ones on two threads: the
+        // first two side by side, the third with both threads (and the
+        // last nonzero one, alone at the tail).
+        assert_eq!(
+            wide_tasks(&[100.0, 100.0, 100.0, 10.0, 10.0, 0.0], 2),
+            [false, false, true, false, true, false]
+        );
+        // Many similar factors: no task is wide until the last.
+        assert_eq!(
+            wide_tasks(&[5.0, 5.0, 5.0, 5.0], 2),
+            [false, false, false, true]
+        );
+        assert_eq!(wide_tasks(&[0.0, 0.0], 2), [false, false]);
     }
 }
