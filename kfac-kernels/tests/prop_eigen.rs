@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use faer::dyn_stack::MemStack;
 use kfac_kernels::eigen::{
-    eigen_inverse_denominators, precondition_eigen, precondition_eigen_precomputed,
-    precondition_eigen_scratch, sym_eigen, sym_eigen_scratch,
+    eigen_inverse_denominators, eigenbasis_drift, eigenbasis_drift_scratch, precondition_eigen,
+    precondition_eigen_precomputed, precondition_eigen_scratch, sym_eigen, sym_eigen_scratch,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -472,3 +472,93 @@ proptest! {
         check_le("relative error of the f32 path", err, tol)?;
     }
 }
+
+// ---------------------------------------------------------------------------
+// eigenbasis_drift
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct DriftCase {
+    d: usize,
+    src: FactorSrc,
+    /// log10 of the perturbation's size relative to `||F||_F` (below -9:
+    /// none, `Q` is `F`'s eigenbasis).
+    log_delta: f64,
+    f_layout: Layout,
+    q_layout: Layout,
+    rayon: bool,
+    seed: u64,
+}
+
+fn drift_case() -> impl Strategy<Value = DriftCase> {
+    (
+        0usize..=24,
+        factor_src(),
+        -10.0..=0.0f64,
+        layout(),
+        layout(),
+        par(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(d, src, log_delta, f_layout, q_layout, rayon, seed)| DriftCase {
+                d,
+                src,
+                log_delta,
+                f_layout,
+                q_layout,
+                rayon,
+                seed,
+            },
+        )
+}
+
+/// `eigenbasis_drift` against `B = Q^T F Q` computed in f64: with `F` a
+/// factor in an orthogonal basis `Q` plus a symmetric perturbation, the
+/// returned `||B - diag(B)||_F` and the clamped diagonal are within
+/// `4 (d + 2) eps ||F||_F` (two rounded products of length `d`) of the
+/// reference; with no perturbation the drift is at most that bound.
+fn check_drift<T: Flt>(case: &DriftCase) -> Result<(), TestCaseError> {
+    let d = case.d;
+    let eps = T::eps();
+    let mut rg = Gen::new(case.seed);
+    let base = make_factor::<T>(&mut rg, d, case.src);
+    let q = rg.orthogonal(d).round::<T>();
+    let l = jacobi_eigenvalues(&base);
+    let mut f = matmul(&M::from_fn(d, d, |i, j| q[(i, j)] * l[j]), &q.t());
+    if case.log_delta > -9.0 {
+        let s = rg.matrix(d, d).sym_from_lower();
+        let scale = 10f64.powf(case.log_delta) * f.frob() / s.frob().max(1e-300);
+        f = f.add(&s.scale(scale));
+    }
+    let f = f.sym_from_lower().round::<T>();
+    let b = matmul(&q.t(), &matmul(&f, &q));
+    let off_ref = M::from_fn(d, d, |i, j| if i == j { 0.0 } else { b[(i, j)] }).frob();
+    let fs = Stored::<T>::from_m(&f, case.f_layout, T::from_f64(SENTINEL));
+    let qs = Stored::<T>::from_m(&q, case.q_layout, T::from_f64(SENTINEL));
+    let par = par_of(case.rayon);
+    let mut out = vec![T::from_f64(f64::NAN); d];
+    let mut buf = buffer(eigenbasis_drift_scratch::<T>(d, par));
+    let off = eigenbasis_drift(fs.view(), qs.view(), &mut out, par, MemStack::new(&mut buf))
+        .map_err(fail)?;
+    let tol = 4.0 * (d + 2) as f64 * eps * f.frob();
+    check_le("drift vs reference", (off - off_ref).abs(), tol)?;
+    if case.log_delta <= -9.0 {
+        check_le("drift of an exact eigenbasis", off, tol)?;
+    }
+    for i in 0..d {
+        check_le(
+            &format!("eigenvalue estimate {i}"),
+            (out[i].to_f64() - b[(i, i)].max(0.0)).abs(),
+            tol,
+        )?;
+        prop_assert!(out[i].to_f64() >= 0.0);
+    }
+    Ok(())
+}
+
+both_types!(
+    eigenbasis_drift_matches_the_f64_rotation,
+    drift_case(),
+    check_drift
+);

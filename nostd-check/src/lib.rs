@@ -150,11 +150,17 @@ fn run<T: Real>() -> Result<(), kfac_kernels::Error> {
             .or(inverse::damped_inverse_scratch::<T>(da, par))
             .or(inverse::precondition_inverse_scratch::<T>(dout, da, par))
             .or(kron::kron_apply_scratch::<T>(dout, da, par))
-            .or(kron::kron_damped_solve_scratch::<T>(dout, da, par)),
+            .or(kron::kron_damped_solve_scratch::<T>(dout, da, par))
+            .or(eigen::eigenbasis_drift_scratch::<T>(da, par))
+            .or(eigen::largest_eigenvalue_estimate_scratch(da)),
     );
     let st = MemStack::new(&mut ebuf);
     eigen::sym_eigen(a.as_ref(), &mut la, qa.as_mut(), par, st)?;
     eigen::sym_eigen(gf.as_ref(), &mut lg, qg.as_mut(), par, st)?;
+    let _ = eigen::largest_eigenvalue_estimate(a.as_ref(), 4, st)?;
+    // `a` is full (mirrored above).
+    let mut l2 = vec![T::ZERO; da];
+    let _ = eigen::eigenbasis_drift(a.as_ref(), qa.as_ref(), &mut l2, par, st)?;
     let mut grad = Mat::<T>::from_fn(dout, da, |i, j| T::from_usize(i + j));
     let damping = T::from_f64(0.01);
     eigen::precondition_eigen(
