@@ -1,13 +1,13 @@
 //! Checkpoints: the full preconditioner state as bytes, and back.
 //!
-//! # Format (version 2)
+//! # Format (version 3)
 //!
 //! All integers little-endian.
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `b"KFACCKPT"` |
-//! | 8 | 4 | format version (`u32`, currently 2; version 1 is read too) |
+//! | 8 | 4 | format version (`u32`, currently 3; versions 1 and 2 are read too) |
 //! | 12 | 8 | payload length in bytes (`u64`) |
 //! | 20 | 4 | CRC-32 (IEEE) of the payload (`u32`) |
 //! | 24 | .. | payload |
@@ -25,7 +25,8 @@
 //!
 //! Version 2 added `Config::ignore_conv_dilation` (a `u8` flag after the
 //! wire precision) and the loss scale; a version-1 checkpoint loads with
-//! their defaults (false, 1).
+//! their defaults (false, 1). Version 3 added `Config::refresh_tolerance`
+//! (an `f64` after that flag); older checkpoints load with 0.
 
 use crate::codec::{read_config, read_kind, write_config, write_kind, R, W};
 use crate::preconditioner::Preconditioner;
@@ -36,7 +37,7 @@ use crate::{Error, Result};
 pub const MAGIC: &[u8; 8] = b"KFACCKPT";
 /// The format version this build writes (it also reads every version from
 /// [`OLDEST_VERSION`] on).
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest format version this build reads.
 pub const OLDEST_VERSION: u32 = 1;
 const HEADER: usize = 24;

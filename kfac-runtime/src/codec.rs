@@ -308,6 +308,8 @@ pub(crate) fn write_config(w: &mut W, c: &Config) {
     });
     // Since checkpoint format version 2.
     w.bool(c.ignore_conv_dilation);
+    // Since version 3.
+    w.f64(c.refresh_tolerance);
 }
 
 /// Reads a configuration written by checkpoint format `version` (fields
@@ -357,6 +359,11 @@ pub(crate) fn read_config(r: &mut R<'_>, version: u32) -> Result<Config> {
         t => return Err(Error::checkpoint(format!("config.wire: unknown tag {t}"))),
     };
     let ignore_conv_dilation = version >= 2 && r.bool("config.ignore_conv_dilation")?;
+    let refresh_tolerance = if version >= 3 {
+        r.f64("config.refresh_tolerance")?
+    } else {
+        0.0
+    };
     let c = Config {
         damping,
         factor_decay,
@@ -373,6 +380,7 @@ pub(crate) fn read_config(r: &mut R<'_>, version: u32) -> Result<Config> {
         grad_worker_fraction,
         wire,
         ignore_conv_dilation,
+        refresh_tolerance,
         memory_budget: None,
     };
     c.validate()

@@ -212,6 +212,23 @@ pub struct Config {
     pub inv_update_steps: u64,
     /// Eigen or inverse method. Default eigen.
     pub method: Method,
+    /// Refresh only what drifted (eigen method, native conventions): at an
+    /// inverse update, a factor `F` whose previous eigenbasis `Q` this
+    /// rank holds is tested first
+    /// ([`eigenbasis_drift`](kfac_kernels::eigen::eigenbasis_drift), two
+    /// products): if `||offdiag(Q^T F Q)||_F λmax(partner) / damping` is at
+    /// most this tolerance, `Q` is kept with the eigenvalues `diag(Q^T F Q)`
+    /// instead of decomposing `F` again. Keeping `Q` changes each
+    /// factor's damped Kronecker inverse by at most the tolerance
+    /// (relative), so the preconditioned gradient stays within about twice
+    /// the tolerance of the full decomposition's. `λmax(partner)` is the
+    /// partner factor's largest eigenvalue at its last decomposition.
+    /// `0` (the default) decomposes every factor every time; must be
+    /// finite and `>= 0`. Ignored in kfac-pytorch mode. With a
+    /// gradient-worker fraction below one, an owner that does not hold the
+    /// old basis decomposes in full, so results then depend on the
+    /// fraction.
+    pub refresh_tolerance: f64,
     /// Precision of the eigendecompositions. Default [`Precision::Auto`]
     /// (f32 where its error bound allows).
     pub eigen_precision: Precision,
@@ -262,6 +279,7 @@ impl Default for Config {
             factor_update_steps: 1,
             inv_update_steps: 10,
             method: Method::Eigen,
+            refresh_tolerance: 0.0,
             eigen_precision: Precision::Auto,
             precompute_denominators: false,
             exclude: Vec::new(),
@@ -361,6 +379,12 @@ impl Config {
             return Err(Error::InvalidConfig {
                 field: "threads",
                 reason: format!("{} threads is unreasonable (max 4096)", self.threads),
+            });
+        }
+        if !(self.refresh_tolerance.is_finite() && self.refresh_tolerance >= 0.0) {
+            return Err(Error::InvalidConfig {
+                field: "refresh_tolerance",
+                reason: format!("{} is not finite and >= 0", self.refresh_tolerance),
             });
         }
         if self.memory_budget == Some(0) {

@@ -51,4 +51,8 @@ pub struct StepStats {
     pub bytes_received: u64,
     /// Bytes of state held after the step.
     pub state_bytes: usize,
+    /// Factors of this rank whose old eigenbasis was kept at this step's
+    /// inversion instead of decomposing them again
+    /// ([`Config::refresh_tolerance`](crate::Config::refresh_tolerance)).
+    pub decompositions_kept: usize,
 }

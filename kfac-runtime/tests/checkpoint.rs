@@ -164,6 +164,8 @@ fn config(
         },
         factor_update_steps: fsteps,
         inv_update_steps: isteps,
+        // Kept bases must continue bitwise after a restore too.
+        refresh_tolerance: if isteps % 2 == 1 { 0.05 } else { 0.0 },
         damping: Schedule::Piecewise {
             boundaries: vec![3],
             values: vec![0.1, 0.03],

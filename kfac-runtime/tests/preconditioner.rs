@@ -1099,3 +1099,125 @@ fn automatic_precision_gives_the_bits_of_the_precision_it_picks() {
     assert_ne!(run(Precision::F32, low), run(Precision::F64, low));
     assert_eq!(Config::default().eigen_precision, Precision::Auto);
 }
+
+/// Refresh only what drifted (`Config::refresh_tolerance`): over a run
+/// whose statistics change slowly, factors keep their eigenbasis at most
+/// inversions and the preconditioned gradient stays within twice the
+/// tolerance (plus the f32 rounding floor) of a twin that decomposes every
+/// factor every step; when the data changes abruptly every factor is
+/// decomposed again; tolerance 0 keeps nothing.
+#[test]
+fn refresh_keeps_bases_that_did_not_drift_within_the_tolerance() {
+    use kfac_runtime::{Observation, Precision, Schedule};
+    let (d_in, d_out, n) = (24usize, 10usize, 64usize);
+    let make = |tol: f64| {
+        let mut p = Preconditioner::new(Config {
+            eigen_precision: Precision::F32,
+            damping: Schedule::Constant(0.05),
+            kl_clip: None,
+            threads: 1,
+            inv_update_steps: 1,
+            refresh_tolerance: tol,
+            ..Config::default()
+        })
+        .unwrap();
+        let id = p
+            .register(
+                "fc",
+                LayerKind::Linear {
+                    in_features: d_in,
+                    out_features: d_out,
+                    bias: true,
+                },
+            )
+            .unwrap();
+        (p, id)
+    };
+    let tol = 1e-2;
+    let (mut full, fid) = make(0.0);
+    let (mut lazy, lid) = make(tol);
+    let mut rng = Rng(77);
+    let base_x: Vec<f32> = (0..n * d_in).map(|_| rng.next() as f32).collect();
+    let base_g: Vec<f32> = (0..n * d_out).map(|_| rng.next() as f32 * 0.5).collect();
+    let (mut kept_total, mut lazy_kept_after_jump) = (0, usize::MAX);
+    for step in 0..12 {
+        // Small changes, then (step 8) data of another scale and shape.
+        let jump = step >= 8;
+        let x: Vec<f32> = base_x
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| {
+                if jump {
+                    3.0 * v * ((k % 5) as f32 - 2.0)
+                } else {
+                    v + 0.002 * rng.next() as f32
+                }
+            })
+            .collect();
+        let g: Vec<f32> = base_g
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| {
+                if jump {
+                    2.0 * v * ((k % 3) as f32 - 1.0)
+                } else {
+                    v + 0.002 * rng.next() as f32
+                }
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (p, id) in [(&mut full, fid), (&mut lazy, lid)] {
+            p.observe(
+                id,
+                Observation::Linear {
+                    activations: faer::MatRef::from_row_major_slice(&x, n, d_in),
+                    output_grads: faer::MatRef::from_row_major_slice(&g, n, d_out),
+                },
+            )
+            .unwrap();
+            let mut w: Vec<f32> = (0..d_out * d_in)
+                .map(|k| ((k * 7) % 13) as f32 - 6.0)
+                .collect();
+            let mut b: Vec<f32> = (0..d_out).map(|k| k as f32 * 0.1).collect();
+            let st = p
+                .step(&mut [
+                    LayerGrad::from_row_major(id, &mut w, d_out, d_in, Some(&mut b)).unwrap(),
+                ])
+                .unwrap();
+            out.push((w, b, st.decompositions_kept));
+        }
+        let (wf, bf, kept_full) = &out[0];
+        let (wl, bl, kept_lazy) = &out[1];
+        assert_eq!(*kept_full, 0, "tolerance 0 keeps nothing");
+        kept_total += kept_lazy;
+        if step == 8 {
+            lazy_kept_after_jump = *kept_lazy;
+        }
+        let diff: f64 = wf
+            .iter()
+            .chain(bf)
+            .zip(wl.iter().chain(bl))
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = wf
+            .iter()
+            .chain(bf)
+            .map(|a| (*a as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            diff <= (2.0 * tol + 1e-4) * norm,
+            "step {step}: {:.3e} relative, kept {kept_lazy}",
+            diff / norm
+        );
+    }
+    assert!(
+        kept_total >= 8,
+        "only {kept_total} factors kept their basis"
+    );
+    assert_eq!(
+        lazy_kept_after_jump, 0,
+        "a factor kept its basis after the jump"
+    );
+}

@@ -241,6 +241,8 @@ impl KfacConfig {
                 }
             },
             ignore_conv_dilation: flag(c.ignore_conv_dilation, "ignore_conv_dilation")?,
+            // Not in the C struct yet: every factor is decomposed.
+            refresh_tolerance: 0.0,
             memory_budget: match c.memory_budget {
                 0 => None,
                 b => Some(usize::try_from(b).unwrap_or(usize::MAX)),

@@ -29,18 +29,19 @@ fn kerr(layer: &str) -> impl FnOnce(kfac_kernels::Error) -> Error + '_ {
 }
 
 /// New inverse caches per layer (`None`: excluded, not a member of the
-/// layer's group, or no inversion due).
+/// layer's group, or no inversion due), and how many of this rank's
+/// factors kept their old eigenbasis.
 pub(crate) fn run(
     ctx: &Ctx<'_>,
     plan: &Plan,
     roles: &Roles,
     new_factors: &NewFactors,
     ex: &mut Exchange<'_>,
-) -> Result<Vec<Option<InverseCache>>> {
+) -> Result<(Vec<Option<InverseCache>>, usize)> {
     let layers = ctx.layers;
     let nl = layers.len();
     if !plan.inv_due {
-        return Ok((0..nl).map(|_| None).collect());
+        return Ok(((0..nl).map(|_| None).collect(), 0));
     }
     let cfg = ctx.cfg;
     let factor_of = |t: usize| -> &Factor {
@@ -54,6 +55,8 @@ pub(crate) fn run(
     };
     let eig = cfg.method == Method::Eigen;
     let ex_world = ex.world();
+    // Factors whose old eigenbasis was kept (`Config::refresh_tolerance`).
+    let kept = AtomicUsize::new(0);
 
     // Local: the factors this rank owns.
     let local = (|| {
@@ -121,9 +124,31 @@ pub(crate) fn run(
                         };
                         let th = if wide(k) { threads } else { 1 };
                         let name = &layers[li].name;
-                        let r =
-                            invert_one(name, factor_of(t), cfg, precision[li], shift, th, scratch)
-                                .map_err(mem::in_layer(name));
+                        let r = match keep_basis(
+                            &layers[li],
+                            t,
+                            factor_of(t),
+                            cfg,
+                            plan.damping,
+                            th,
+                            scratch,
+                        ) {
+                            Ok(Some(r)) => {
+                                kept.fetch_add(1, Ordering::Relaxed);
+                                Ok(r)
+                            }
+                            Ok(None) => invert_one(
+                                name,
+                                factor_of(t),
+                                cfg,
+                                precision[li],
+                                shift,
+                                th,
+                                scratch,
+                            ),
+                            Err(e) => Err(e),
+                        }
+                        .map_err(mem::in_layer(name));
                         out.push((t, r));
                     }
                     out
@@ -213,7 +238,7 @@ pub(crate) fn run(
             })
             .collect()
     });
-    ex.settle(local)
+    ex.settle(local).map(|v| (v, kept.into_inner()))
 }
 
 /// Eigendecomposition of a dense factor in the configured precision.
@@ -358,6 +383,56 @@ fn inverse_shifts(
             Ok((fd.a, fd.g))
         }
     }
+}
+
+/// The old eigenbasis of factor task `t` (of layer `l`) with updated
+/// eigenvalue estimates, when `Config::refresh_tolerance` allows keeping it
+/// for the new factor `f` (see there); `None` when it does not, or when
+/// there is no old basis on this rank.
+fn keep_basis(
+    l: &crate::state::LayerState,
+    t: usize,
+    f: &Factor,
+    cfg: &Config,
+    damping: f64,
+    threads: usize,
+    scratch: &Scratch,
+) -> Result<Option<FactorInv>> {
+    if cfg.refresh_tolerance == 0.0 || cfg.compat != Compat::Native || cfg.method != Method::Eigen {
+        return Ok(None);
+    }
+    let Factor::Dense(m) = f else {
+        return Ok(None);
+    };
+    let Some(InverseCache::Eigen { qa, la, qg, lg, .. }) = &l.inv else {
+        return Ok(None);
+    };
+    let (q, partner) = if t.is_multiple_of(2) {
+        (qa.as_ref(), lg)
+    } else {
+        (Some(qg), la)
+    };
+    let Some(q) = q else {
+        return Ok(None);
+    };
+    let n = m.nrows();
+    if q.nrows() != n {
+        return Ok(None);
+    }
+    let partner = partner.iter().fold(0.0f64, |a, &v| a.max(v as f64));
+    let what = format!("layer '{}': kept eigenbasis", l.name);
+    let mut est = mem::filled(n, 0.0f32, &what)?;
+    let par = par_for(if n > 512 { threads } else { 1 });
+    let drift = scratch.with(eigen::eigenbasis_drift_scratch::<f32>(n, par), |stack| {
+        eigen::eigenbasis_drift(m.as_ref(), q.as_ref(), &mut est, par, stack).map_err(kerr(&l.name))
+    })?;
+    // NaN (cannot happen for finite inputs) decomposes.
+    let within = drift * partner / damping <= cfg.refresh_tolerance;
+    if !within {
+        return Ok(None);
+    }
+    let q = mem::from_fn(n, n, &what, |i, j| q[(i, j)])?;
+    Ok(Some(FactorInv::Eigen { q: Some(q), l: est }))
 }
 
 /// Decomposes or inverts one factor (`shift` is used by the inverse method).

@@ -133,7 +133,7 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
     // Set when the factor or inversion phase fails (on this rank or, by the
     // phase's status round, on another: every rank sees the same).
     let mut numeric_failure = false;
-    let outcome: Result<(Outcome, [Duration; 3])> = (|| {
+    let outcome: Result<(Outcome, [Duration; 3], usize)> = (|| {
         // The statistics to sum are packed (allocated) before the
         // agreement, so that running out of memory is settled with it.
         let world = ex.world();
@@ -147,7 +147,7 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
             invert::run(&ctx, &plan, &roles, &new_factors, ex)
         });
         numeric_failure = new_inv.is_err();
-        let new_inv = new_inv?;
+        let (new_inv, kept) = new_inv?;
         let (results, t_prec) = timed(&mut ex, |ex| {
             precondition::run(&ctx, &roles, plan.damping, &new_inv, grads, &index, ex)
         });
@@ -162,10 +162,10 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
             vg,
             nu,
         };
-        Ok((outcome, [t_factor, t_inv, t_prec + t_clip]))
+        Ok((outcome, [t_factor, t_inv, t_prec + t_clip], kept))
     })();
     let traffic = ex.traffic;
-    let (outcome, [t_factor, t_inv, t_prec]) = match outcome {
+    let (outcome, [t_factor, t_inv, t_prec], kept) = match outcome {
         Ok(o) => o,
         Err(e)
             if numeric_failure
@@ -211,6 +211,7 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
         bytes_sent: traffic.bytes_sent,
         bytes_received: traffic.bytes_received,
         state_bytes: p.state_bytes(),
+        decompositions_kept: kept,
     };
     log::debug!(
         "kfac: step {} factors={} inverses={} nu={:.4} times {:?}",
