@@ -1,11 +1,11 @@
 //! One K-FAC step over every layer of ResNet-50 (53 convolutions and the
 //! classifier: 108 factors), batch 32 at 224 x 224, random data, inverses
 //! computed in the step, through the public API with the default
-//! configuration; prints the stage times for 1 and 2 threads (or the
-//! thread counts given) and the 2-thread speed-up of the inversion stage.
+//! configuration (or the precision given: `f32`, `f64`, `auto`); prints
+//! the stage times for 1 and 2 threads (or the thread counts given).
 //!
 //! ```text
-//! cargo run --release -p kfac-runtime --example resnet50_step [threads...]
+//! cargo run --release -p kfac-runtime --example resnet50_step [f32|f64|auto] [threads...]
 //! ```
 //!
 //! (Issue #12's measurements use these shapes; BENCHMARKS.md has a run.)
@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use kfac_kernels::conv::ImageLayout;
 use kfac_runtime::{
-    Config, Conv2dSpec, LayerGrad, LayerId, LayerKind, Observation, Preconditioner, Result,
+    Config, Conv2dSpec, LayerGrad, LayerId, LayerKind, Observation, Precision, Preconditioner,
+    Result,
 };
 
 const BATCH: usize = 32;
@@ -65,10 +66,11 @@ fn fill(v: &mut [f32], seed: u64) {
     }
 }
 
-fn run(threads: usize) -> Result<()> {
+fn run(threads: usize, precision: Precision) -> Result<()> {
     let mut p = Preconditioner::new(Config {
         threads,
         inv_update_steps: 1,
+        eigen_precision: precision,
         ..Config::default()
     })?;
     let convs = convs();
@@ -155,7 +157,7 @@ fn run(threads: usize) -> Result<()> {
     let st = p.step(&mut lg)?;
     let t = &st.times;
     println!(
-        "| {threads} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
+        "| {threads} | {precision:?} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
         t.factor_update.as_secs_f64(),
         t.inversion.as_secs_f64(),
         t.preconditioning.as_secs_f64(),
@@ -166,10 +168,16 @@ fn run(threads: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let threads: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("thread counts are integers"))
-        .collect();
+    let mut precision = Precision::Auto;
+    let mut threads: Vec<usize> = Vec::new();
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "f32" => precision = Precision::F32,
+            "f64" => precision = Precision::F64,
+            "auto" => precision = Precision::Auto,
+            t => threads.push(t.parse().expect("thread counts are integers")),
+        }
+    }
     let threads = if threads.is_empty() {
         vec![1, 2]
     } else {
@@ -179,10 +187,10 @@ fn main() -> Result<()> {
         "ResNet-50, batch {BATCH}, {} convolutions + fc, default config, inversion in the step",
         convs().len()
     );
-    println!("| threads | factors (s) | inversion (s) | preconditioning (s) | step total (s) | wall incl. data (s) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| threads | precision | factors (s) | inversion (s) | preconditioning (s) | step total (s) | wall incl. data (s) |");
+    println!("|---|---|---|---|---|---|---|");
     for t in threads {
-        run(t)?;
+        run(t, precision)?;
     }
     Ok(())
 }
