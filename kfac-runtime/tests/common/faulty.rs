@@ -19,6 +19,14 @@ impl Faulty {
         if size < LARGE || !ARMED.load(SeqCst) {
             return false;
         }
+        // The gemm crate's per-thread slab (an L2 cache's size, a power of
+        // two of 1 MiB or more) is allocated on a thread's first product
+        // and aborts on failure by design (see kfac-runtime's `mem.rs`):
+        // never failed here. The engine's own buffers in these tests are
+        // smaller.
+        if size >= 1 << 20 && size.is_power_of_two() {
+            return false;
+        }
         if COUNTDOWN.fetch_sub(1, SeqCst) == 0 {
             ARMED.store(false, SeqCst);
             FIRED.store(true, SeqCst);
