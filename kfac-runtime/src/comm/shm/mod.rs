@@ -437,6 +437,38 @@ impl ShmGroup {
         unsafe { std::slice::from_raw_parts(self.slot_ptr(r), n.min(self.slot_bytes)) }
     }
 
+    /// The data rounds of an allgather whose sizes are known: rank `r`'s
+    /// `sizes[r]` bytes land at `out[offs[r]..]`, a slot-sized chunk per
+    /// round.
+    fn gather_rounds(
+        &mut self,
+        send: &[u8],
+        sizes: &[usize],
+        offs: &[usize],
+        out: &mut [u8],
+    ) -> Result<(), CommError> {
+        let chunk = self.slot_bytes;
+        let rounds = sizes.iter().map(|s| s.div_ceil(chunk)).max().unwrap_or(0);
+        for k in 0..rounds {
+            let lo = (k * chunk).min(send.len());
+            let hi = (lo + chunk).min(send.len());
+            self.round(
+                "allgather",
+                None,
+                |slot| slot[..hi - lo].copy_from_slice(&send[lo..hi]),
+                |g| {
+                    for (r, (&size, &off)) in sizes.iter().zip(offs).enumerate() {
+                        let rlo = (k * chunk).min(size);
+                        let rhi = (rlo + chunk).min(size);
+                        out[off + rlo..off + rhi].copy_from_slice(g.slot(r, rhi - rlo));
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     fn guard<T>(
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T, CommError>,
@@ -666,26 +698,7 @@ impl Communicator for ShmGroup {
                     Some(o)
                 })
                 .collect();
-            let chunk = g.slot_bytes;
-            let rounds = sizes.iter().map(|s| s.div_ceil(chunk)).max().unwrap_or(0);
-            for k in 0..rounds {
-                let lo = (k * chunk).min(send.len());
-                let hi = (lo + chunk).min(send.len());
-                g.round(
-                    "allgather",
-                    None,
-                    |slot| slot[..hi - lo].copy_from_slice(&send[lo..hi]),
-                    |g| {
-                        for r in 0..world {
-                            let rlo = (k * chunk).min(sizes[r]);
-                            let rhi = (rlo + chunk).min(sizes[r]);
-                            let n = rhi - rlo;
-                            out[offs[r] + rlo..offs[r] + rhi].copy_from_slice(g.slot(r, n));
-                        }
-                        Ok(())
-                    },
-                )?;
-            }
+            g.gather_rounds(send, &sizes, &offs, &mut out)?;
             Ok((out, sizes))
         })
     }
@@ -719,23 +732,9 @@ impl Communicator for ShmGroup {
                     ),
                 });
             }
-            let chunk = g.slot_bytes;
-            for k in 0..n.div_ceil(chunk) {
-                let lo = k * chunk;
-                let hi = (lo + chunk).min(n);
-                g.round(
-                    "allgather",
-                    None,
-                    |slot| slot[..hi - lo].copy_from_slice(&send[lo..hi]),
-                    |g| {
-                        for r in 0..world {
-                            recv[r * n + lo..r * n + hi].copy_from_slice(g.slot(r, hi - lo));
-                        }
-                        Ok(())
-                    },
-                )?;
-            }
-            Ok(())
+            let sizes = vec![n; world];
+            let offs: Vec<usize> = (0..world).map(|r| r * n).collect();
+            g.gather_rounds(send, &sizes, &offs, recv)
         })
     }
 
