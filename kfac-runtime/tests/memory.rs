@@ -216,20 +216,6 @@ fn set_as_limit(bytes: Option<usize>) {
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
 }
 
-/// glibc: one arena (a pool thread's arena reserves 64 MiB of address
-/// space up front, which the limit would not see being used) and a fixed
-/// mmap threshold of 128 KiB (no dynamic growth), so every large
-/// allocation maps fresh address space and the limit bites. Called before
-/// any preconditioner (and its threads) exists.
-fn fresh_mappings() {
-    // SAFETY: mallopt with documented parameters.
-    unsafe {
-        assert_eq!(libc::mallopt(libc::M_ARENA_MAX, 1), 1);
-        assert_eq!(libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024), 1);
-        assert_eq!(libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024), 1);
-    }
-}
-
 /// Runs the ignored worker test `name` in a child process and checks that
 /// it ran to its end (`worker::done(name)`) and passed.
 fn run_child(name: &str) {
@@ -249,7 +235,6 @@ fn run_child(name: &str) {
 #[test]
 #[ignore = "worker: run by registration_beyond_an_address_space_limit_is_out_of_memory"]
 fn child_registration_under_a_limit() {
-    fresh_mappings();
     let mut p = Preconditioner::new(budget_config(None)).unwrap();
     set_as_limit(Some(vm_size() + (200 << 20)));
     let e = linear(&mut p, "wide", 6000, 16).unwrap_err();
@@ -292,13 +277,12 @@ fn child_step_under_a_limit() {
         inv_update_steps: 1,
         ..budget_config(None)
     };
-    fresh_mappings();
     let mut p = Preconditioner::new(cfg.clone()).unwrap();
     let mut twin = Preconditioner::new(cfg).unwrap();
     let id = linear(&mut p, "wide", D, 8).unwrap();
     let tid = linear(&mut twin, "wide", D, 8).unwrap();
-    // Every allocation above 128 KiB gets its own mapping (see
-    // `fresh_mappings`). Everything up to the inversion fits in 1 MiB more
+    // Every allocation of 128 KiB or more gets its own mapping (see
+    // `faulty`). Everything up to the inversion fits in 1 MiB more
     // (the new factor is 640 kB); the f64 eigendecomposition needs two
     // 1.28 MB copies and its scratch.
     set_as_limit(Some(vm_size() + (1 << 20)));
