@@ -1,5 +1,7 @@
 //! Criterion benches of the `kfac-kernels` hot paths, each against a plain
-//! faer baseline measured in the same run.
+//! faer baseline measured in the same run, and the eigensolver also against
+//! the system LAPACK's `ssyevd`/`dsyevd` (OpenBLAS, loaded at run time; see
+//! `common/lapack.rs`).
 //!
 //! Run: `CARGO_TARGET_DIR=/work/target-bench cargo bench --bench kernels`
 //! (filter with e.g. `-- factor/`). Results and the targets are in
@@ -46,6 +48,9 @@ use kfac::kernels::faer::linalg::matmul::matmul;
 use kfac::kernels::faer::linalg::matmul::triangular::{self, BlockStructure};
 use kfac::kernels::faer::{Accum, Mat, MatRef, Par};
 use kfac::kernels::{eigen, factor, inverse, Real};
+
+#[path = "common/lapack.rs"]
+mod lapack;
 
 /// `(label, Par)` for one thread, and for two threads.
 fn pars(two_threads: bool) -> Vec<(&'static str, Par)> {
@@ -178,11 +183,18 @@ fn bench_factor(c: &mut Criterion) {
 
 // ---------------------------------------------------------------------------
 // 2. Eigendecomposition: eigen::sym_eigen against calling faer's
-//    self_adjoint_evd directly (the wrapper's checks, clamping and copy-out).
+//    self_adjoint_evd directly (the wrapper's checks, clamping and copy-out)
+//    and against the system LAPACK's ?syevd (loaded at run time; OpenBLAS
+//    threads set to match). Sizes 256..2048, and 4608 (ResNet-50's largest
+//    factor) with KFAC_BENCH_LARGE=1.
 // ---------------------------------------------------------------------------
 
-fn bench_eigen_t<T: Real>(c: &mut Criterion) {
-    for &d in &[256usize, 1024, 2048] {
+fn bench_eigen_t<T: Real + lapack::LapackReal>(c: &mut Criterion, lib: Option<&lapack::Lapack>) {
+    let mut sizes = vec![256usize, 512, 1024, 2048];
+    if std::env::var_os("KFAC_BENCH_LARGE").is_some() {
+        sizes.push(4608);
+    }
+    for d in sizes {
         // A well-conditioned SPD factor: X^T X / n + I.
         let n = d + 64;
         let x = rand_mat::<T>(n, d, d as u64);
@@ -207,10 +219,36 @@ fn bench_eigen_t<T: Real>(c: &mut Criterion) {
             Default::default(),
         ));
         let flops = 9 * (d as u64).pow(3);
+        // LAPACK's input (column-major, as `a`) and, once, its answer
+        // checked against ours: the eigenvalues agree to a few ulps of
+        // ||A|| per dimension, or the baseline is not computing the same.
+        let a_cols: Vec<T> = (0..d * d).map(|k| a[(k % d, k / d)]).collect();
+        let mut lap = lib.map(|lib| (lib, lapack::Syevd::<T>::new(lib, d)));
+        if let Some((lib, w)) = lap.as_mut() {
+            w.run(lib, &a_cols);
+            eigen::sym_eigen(
+                a.as_ref(),
+                &mut l,
+                q.as_mut(),
+                Par::Seq,
+                MemStack::new(&mut buf),
+            )
+            .unwrap();
+            let norm = l.iter().fold(0.0f64, |m, x| m.max(x.to_f64().abs()));
+            let tol = 64.0 * d as f64 * T::EPSILON.to_f64() * norm;
+            for (x, y) in l.iter().zip(&w.w) {
+                let y = T::to_f64(*y);
+                assert!(
+                    (x.to_f64() - y).abs() <= tol,
+                    "LAPACK disagrees: {} vs {y}",
+                    x.to_f64()
+                );
+            }
+        }
 
         let mut g = group(c, format!("eigen/{}/d{d}", T::NAME));
         g.throughput(Throughput::Elements(flops));
-        for (label, par) in pars(d >= 1024) {
+        for (label, par) in pars(true) {
             g.bench_function(format!("sym_eigen/{label}"), |b| {
                 b.iter(|| {
                     eigen::sym_eigen(
@@ -236,14 +274,27 @@ fn bench_eigen_t<T: Real>(c: &mut Criterion) {
                     .unwrap()
                 })
             });
+            if let Some((lib, w)) = lap.as_mut() {
+                let threads = if label == "1t" { 1 } else { 2 };
+                if lib.set_threads(threads) || threads == 1 {
+                    g.bench_function(format!("lapack_syevd/{label}"), |b| {
+                        b.iter(|| w.run(lib, black_box(&a_cols)))
+                    });
+                }
+                lib.set_threads(1);
+            }
         }
         g.finish();
     }
 }
 
 fn bench_eigen(c: &mut Criterion) {
-    bench_eigen_t::<f32>(c);
-    bench_eigen_t::<f64>(c);
+    let lib = lapack::Lapack::load();
+    if let Some(lib) = &lib {
+        eprintln!("LAPACK baseline: {}", lib.name);
+    }
+    bench_eigen_t::<f32>(c, lib.as_ref());
+    bench_eigen_t::<f64>(c, lib.as_ref());
 }
 
 // ---------------------------------------------------------------------------
