@@ -182,8 +182,9 @@ fn bench_factor(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------
-// 2. Eigendecomposition: eigen::sym_eigen against calling faer's
-//    self_adjoint_evd directly (the wrapper's checks, clamping and copy-out)
+// 2. Eigendecomposition: eigen::sym_eigen (which picks a solver by size and
+//    threads) and eigen::sym_eigen_blocked (our tridiagonal reduction at
+//    every size) against calling faer's self_adjoint_evd directly
 //    and against the system LAPACK's ?syevd (loaded at run time; OpenBLAS
 //    threads set to match). Sizes 256..2048, and 4608 (ResNet-50's largest
 //    factor) with KFAC_BENCH_LARGE=1.
@@ -211,7 +212,12 @@ fn bench_eigen_t<T: Real + lapack::LapackReal>(c: &mut Criterion, lib: Option<&l
         let mut l = vec![T::ZERO; d];
         let mut q_faer = Mat::<T>::zeros(d, d);
         let mut s_faer = Mat::<T>::zeros(d, 1);
-        let mut buf = prefaulted(eigen::sym_eigen_scratch::<T>(d, Par::rayon(2)));
+        // Either solver may run (1 or 2 threads): room for both.
+        let mut buf = prefaulted(StackReq::any_of(&[
+            eigen::sym_eigen_scratch::<T>(d, Par::Seq),
+            eigen::sym_eigen_scratch::<T>(d, Par::rayon(2)),
+        ]));
+        let mut buf_blocked = prefaulted(eigen::sym_eigen_blocked_scratch::<T>(d, Par::rayon(2)));
         let mut buf_faer = prefaulted(evd::self_adjoint_evd_scratch::<T>(
             d,
             evd::ComputeEigenvectors::Yes,
@@ -257,6 +263,18 @@ fn bench_eigen_t<T: Real + lapack::LapackReal>(c: &mut Criterion, lib: Option<&l
                         q.as_mut(),
                         par,
                         MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("sym_eigen_blocked/{label}"), |b| {
+                b.iter(|| {
+                    eigen::sym_eigen_blocked(
+                        black_box(a.as_ref()),
+                        &mut l,
+                        q.as_mut(),
+                        par,
+                        MemStack::new(&mut buf_blocked),
                     )
                     .unwrap()
                 })

@@ -66,6 +66,36 @@ pub trait Real:
     fn simd_axpy(alpha: Self, x: &[Self], y: &mut [Self]);
     /// `sum_i x[i] * y[i]` for `i < min(len)`, vectorized with pulp.
     fn simd_dot(x: &[Self], y: &[Self]) -> Self;
+    /// `y += alpha x` and returns `x . z`, in one pass over `x` (the
+    /// column step of a symmetric matrix-vector product); the length is the
+    /// shortest of the three.
+    fn simd_axpy_dot(alpha: Self, x: &[Self], y: &mut [Self], z: &[Self]) -> Self;
+    /// Four columns at once: `y += sum_k alpha[k] x[k]` and returns
+    /// `[x[k] . z]`, in one pass (fewer loads and stores of `y` per
+    /// column); the length is the shortest of all.
+    fn simd_axpy_dot4(alpha: [Self; 4], x: [&[Self]; 4], y: &mut [Self], z: &[Self]) -> [Self; 4];
+    /// Columns `c0..c_end` of `y = S v` for the `len x len` symmetric matrix
+    /// whose lower triangle starts at `a[0]` (column-major, leading
+    /// dimension `ld`): `out[r - ystart]` receives the sum over those
+    /// columns for each row `r >= ystart` they touch (`out` is overwritten).
+    /// Four columns at a time (their 4 x 4 diagonal block in scalar code,
+    /// the rows below as [`Real::simd_axpy_dot4`]), the rest one by one as
+    /// [`Real::simd_axpy_dot`], all in one SIMD dispatch; the bits are
+    /// those of that sequence of calls.
+    ///
+    /// # Panics
+    /// If a column or `out` is shorter than the ranges imply.
+    #[allow(clippy::too_many_arguments)]
+    fn simd_symv_cols(
+        a: &[Self],
+        ld: usize,
+        len: usize,
+        v: &[Self],
+        c0: usize,
+        c_end: usize,
+        ystart: usize,
+        out: &mut [Self],
+    );
     /// `y[i] *= x[i]` for `i < min(len)`, vectorized with pulp.
     fn simd_mul_assign(y: &mut [Self], x: &[Self]);
     /// The larger of two values, NaN-ignoring, exactly as `f32::max` /
@@ -79,7 +109,65 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty, $name:literal, $sqrt:path, $as_simd:ident, $as_mut_simd:ident, $splat:ident, $mul_add:ident, $mul:ident, $add:ident, $reduce:ident) => {
+    ($t:ty, $kern:ident, $name:literal, $sqrt:path, $as_simd:ident, $as_mut_simd:ident, $splat:ident, $mul_add:ident, $mul:ident, $add:ident, $reduce:ident) => {
+        /// The loops shared by the SIMD kernels below, callable inside one
+        /// dispatch.
+        mod $kern {
+        #[inline(always)]
+        pub(super) fn axpy_dot4_in<S: pulp::Simd>(simd: S, alpha: [$t; 4], x: [&[$t]; 4], y: &mut [$t], z: &[$t]) -> [$t; 4] {
+            let n = x.iter().fold(y.len().min(z.len()), |n, x| n.min(x.len()));
+            let (x0, t0) = S::$as_simd(&x[0][..n]);
+            let (x1, t1) = S::$as_simd(&x[1][..n]);
+            let (x2, t2) = S::$as_simd(&x[2][..n]);
+            let (x3, t3) = S::$as_simd(&x[3][..n]);
+            let (yh, yt) = S::$as_mut_simd(&mut y[..n]);
+            let (zh, zt) = S::$as_simd(&z[..n]);
+            let a = alpha.map(|a| simd.$splat(a));
+            let mut acc = [simd.$splat(0.0); 4];
+            for (i, (y, z)) in yh.iter_mut().zip(zh).enumerate() {
+                let (v0, v1, v2, v3) = (x0[i], x1[i], x2[i], x3[i]);
+                let mut t = simd.$mul_add(a[0], v0, *y);
+                t = simd.$mul_add(a[1], v1, t);
+                t = simd.$mul_add(a[2], v2, t);
+                *y = simd.$mul_add(a[3], v3, t);
+                acc[0] = simd.$mul_add(v0, *z, acc[0]);
+                acc[1] = simd.$mul_add(v1, *z, acc[1]);
+                acc[2] = simd.$mul_add(v2, *z, acc[2]);
+                acc[3] = simd.$mul_add(v3, *z, acc[3]);
+            }
+            let mut out = acc.map(|a| simd.$reduce(a));
+            for (i, (y, z)) in yt.iter_mut().zip(zt).enumerate() {
+                let v = [t0[i], t1[i], t2[i], t3[i]];
+                for k in 0..4 {
+                    *y += alpha[k] * v[k];
+                    out[k] += v[k] * *z;
+                }
+            }
+            out
+        }
+        #[inline(always)]
+        pub(super) fn axpy_dot_in<S: pulp::Simd>(simd: S, alpha: $t, x: &[$t], y: &mut [$t], z: &[$t]) -> $t {
+            let n = x.len().min(y.len()).min(z.len());
+            let (xh, xt) = S::$as_simd(&x[..n]);
+            let (yh, yt) = S::$as_mut_simd(&mut y[..n]);
+            let (zh, zt) = S::$as_simd(&z[..n]);
+            let a = simd.$splat(alpha);
+            let mut acc = [simd.$splat(0.0); 2];
+            let mut k = 0;
+            for ((y, x), z) in yh.iter_mut().zip(xh).zip(zh) {
+                *y = simd.$mul_add(a, *x, *y);
+                acc[k & 1] = simd.$mul_add(*x, *z, acc[k & 1]);
+                k += 1;
+            }
+            let mut total = simd.$reduce(simd.$add(acc[0], acc[1]));
+            for ((y, x), z) in yt.iter_mut().zip(xt).zip(zt) {
+                *y += alpha * *x;
+                total += *x * *z;
+            }
+            total
+        }
+        }
+
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -172,6 +260,102 @@ macro_rules! impl_real {
                 }
                 pulp::Arch::new().dispatch(Op { x, y })
             }
+            fn simd_axpy_dot(alpha: Self, x: &[Self], y: &mut [Self], z: &[Self]) -> Self {
+                struct Op<'a> {
+                    alpha: $t,
+                    x: &'a [$t],
+                    y: &'a mut [$t],
+                    z: &'a [$t],
+                }
+                impl pulp::WithSimd for Op<'_> {
+                    type Output = $t;
+                    #[inline(always)]
+                    fn with_simd<S: pulp::Simd>(self, simd: S) -> $t {
+                        $kern::axpy_dot_in(simd, self.alpha, self.x, self.y, self.z)
+                    }
+                }
+                pulp::Arch::new().dispatch(Op { alpha, x, y, z })
+            }
+            fn simd_axpy_dot4(alpha: [Self; 4], x: [&[Self]; 4], y: &mut [Self], z: &[Self]) -> [Self; 4] {
+                struct Op<'a> {
+                    alpha: [$t; 4],
+                    x: [&'a [$t]; 4],
+                    y: &'a mut [$t],
+                    z: &'a [$t],
+                }
+                impl pulp::WithSimd for Op<'_> {
+                    type Output = [$t; 4];
+                    #[inline(always)]
+                    fn with_simd<S: pulp::Simd>(self, simd: S) -> [$t; 4] {
+                        $kern::axpy_dot4_in(simd, self.alpha, self.x, self.y, self.z)
+                    }
+                }
+                pulp::Arch::new().dispatch(Op { alpha, x, y, z })
+            }
+            #[allow(clippy::too_many_arguments)]
+            fn simd_symv_cols(
+                a: &[Self],
+                ld: usize,
+                len: usize,
+                v: &[Self],
+                c0: usize,
+                c_end: usize,
+                ystart: usize,
+                out: &mut [Self],
+            ) {
+                struct Op<'a> {
+                    a: &'a [$t],
+                    ld: usize,
+                    len: usize,
+                    v: &'a [$t],
+                    c0: usize,
+                    c_end: usize,
+                    ystart: usize,
+                    out: &'a mut [$t],
+                }
+                impl pulp::WithSimd for Op<'_> {
+                    type Output = ();
+                    #[inline(always)]
+                    fn with_simd<S: pulp::Simd>(self, simd: S) {
+                        let Op { a, ld, len, v, c0, c_end, ystart, out } = self;
+                        let col = |c: usize| &a[c * ld..c * ld + len];
+                        out.fill(0.0);
+                        let mut c = c0;
+                        while c + 4 <= c_end {
+                            let x = [col(c), col(c + 1), col(c + 2), col(c + 3)];
+                            for k in 0..4 {
+                                let vk = v[c + k];
+                                let mut dot = x[k][c + k] * vk;
+                                for r in c + k + 1..c + 4 {
+                                    out[r - ystart] += vk * x[k][r];
+                                    dot += x[k][r] * v[r];
+                                }
+                                out[c + k - ystart] += dot;
+                            }
+                            let below = c + 4;
+                            let alpha = [v[c], v[c + 1], v[c + 2], v[c + 3]];
+                            let dots = $kern::axpy_dot4_in(
+                                simd,
+                                alpha,
+                                x.map(|x| &x[below..]),
+                                &mut out[below - ystart..],
+                                &v[below..],
+                            );
+                            for k in 0..4 {
+                                out[c + k - ystart] += dots[k];
+                            }
+                            c += 4;
+                        }
+                        for c in c..c_end {
+                            let x = col(c);
+                            let vc = v[c];
+                            let dot = $kern::axpy_dot_in(simd, vc, &x[c + 1..], &mut out[c + 1 - ystart..], &v[c + 1..]);
+                            out[c - ystart] += x[c] * vc + dot;
+                        }
+                    }
+                }
+                pulp::Arch::new().dispatch(Op { a, ld, len, v, c0, c_end, ystart, out })
+            }
             fn simd_mul_assign(y: &mut [Self], x: &[Self]) {
                 struct Op<'a> {
                     x: &'a [$t],
@@ -240,6 +424,7 @@ macro_rules! impl_real {
 
 impl_real!(
     f32,
+    kern_f32,
     "f32",
     libm::sqrtf,
     as_simd_f32s,
@@ -252,6 +437,7 @@ impl_real!(
 );
 impl_real!(
     f64,
+    kern_f64,
     "f64",
     libm::sqrt,
     as_simd_f64s,

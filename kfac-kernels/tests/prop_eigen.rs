@@ -7,9 +7,11 @@ mod common;
 
 use common::*;
 use faer::dyn_stack::MemStack;
+use faer::{MatMut, MatRef, Par};
 use kfac_kernels::eigen::{
     eigen_inverse_denominators, eigenbasis_drift, eigenbasis_drift_scratch, precondition_eigen,
-    precondition_eigen_precomputed, precondition_eigen_scratch, sym_eigen, sym_eigen_scratch,
+    precondition_eigen_precomputed, precondition_eigen_scratch, sym_eigen, sym_eigen_blocked,
+    sym_eigen_blocked_scratch, sym_eigen_scratch, BLOCKED_EIGEN_MIN_DIM,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -28,14 +30,37 @@ fn eigen_of<T: Flt>(
     q_layout: Layout,
     rayon: bool,
 ) -> Result<(Vec<T>, Stored<T>), TestCaseError> {
+    eigen_with::<T>(a, a_layout, q_layout, rayon, false)
+}
+
+/// The signature of `sym_eigen` and `sym_eigen_blocked`.
+type Solver<T> =
+    fn(MatRef<'_, T>, &mut [T], MatMut<'_, T>, Par, &mut MemStack) -> kfac_kernels::Result<()>;
+
+/// As [`eigen_of`], through `sym_eigen_blocked` when `blocked`.
+fn eigen_with<T: Flt>(
+    a: &M,
+    a_layout: Layout,
+    q_layout: Layout,
+    rayon: bool,
+    blocked: bool,
+) -> Result<(Vec<T>, Stored<T>), TestCaseError> {
     let d = a.r;
     let par = par_of(rayon);
     let a_s = lower_only::<T>(a, a_layout);
     let mut l = vec![T::from_f64(f64::NAN); d];
     let mut q = Stored::<T>::filled(d, d, q_layout, T::from_f64(SENTINEL));
     let before = q.clone();
-    let mut buf = buffer(sym_eigen_scratch::<T>(d, par));
-    sym_eigen(
+    let (solve, scratch) = if blocked {
+        (
+            sym_eigen_blocked::<T> as Solver<T>,
+            sym_eigen_blocked_scratch::<T>(d, par),
+        )
+    } else {
+        (sym_eigen::<T> as Solver<T>, sym_eigen_scratch::<T>(d, par))
+    };
+    let mut buf = buffer(scratch);
+    solve(
         a_s.view(),
         &mut l,
         q.view_mut(),
@@ -562,3 +587,146 @@ both_types!(
     drift_case(),
     check_drift
 );
+
+// ---------------------------------------------------------------------------
+// sym_eigen at panel sizes: the blocked tridiagonalization (d > 128)
+// ---------------------------------------------------------------------------
+
+/// Spectra of the blocked-path sweep.
+#[derive(Clone, Copy, Debug)]
+enum Spectrum {
+    /// `X^T X / n` with `n = 2 d` uniform rows (Marchenko-Pastur).
+    Wishart,
+    /// `X^T X / n` with `n = d / 3`: two thirds of the eigenvalues zero.
+    RankDeficient,
+    /// `l_k = (k + 1)^-2`.
+    PowerLaw,
+    /// Eight clusters of equal eigenvalues, each split by 1e-7 relative.
+    Clustered,
+}
+
+/// `(A, exact eigenvalues ascending or None)` rounded to `T`.
+fn spectrum_matrix<T: Flt>(rg: &mut Gen, d: usize, s: Spectrum) -> (M, Option<Vec<f64>>) {
+    let planted = |rg: &mut Gen, l: Vec<f64>| {
+        let q = rg.orthogonal(d);
+        let ql = M::from_fn(d, d, |i, k| q[(i, k)] * l[k]);
+        let a = matmul(&ql, &q.t());
+        let a = M::from_fn(d, d, |i, j| if i >= j { a[(i, j)] } else { a[(j, i)] });
+        let mut l = l;
+        l.sort_by(f64::total_cmp);
+        (a.round::<T>(), Some(l))
+    };
+    match s {
+        Spectrum::Wishart => (psd_factor::<T>(rg, 2 * d, d, Kind::Uniform), None),
+        Spectrum::RankDeficient => (psd_factor::<T>(rg, d / 3, d, Kind::Uniform), None),
+        Spectrum::PowerLaw => planted(rg, (0..d).map(|k| 1.0 / ((k + 1) as f64).powi(2)).collect()),
+        Spectrum::Clustered => planted(
+            rg,
+            (0..d)
+                .map(|k| (1 + k % 8) as f64 * (1.0 + 1e-7 * (k / 8) as f64))
+                .collect(),
+        ),
+    }
+}
+
+/// At sizes that take the panel path (one panel and an unblocked tail,
+/// several panels, and panels whose products run on a two-thread team),
+/// for each spectrum and both types: the bounds of
+/// `check_sym_eigen` (`b = 8 (d + 2) eps`: orthogonality, every positive
+/// pair's residual, reconstruction), the eigenvalues against the planted
+/// ones (Weyl: `b ||A||_F` plus the rounding of `A` to `T`) or, without a
+/// planted spectrum, against faer's f64 eigenvalues; and the result
+/// bitwise the same on one thread and on two. At order 520 (Wishart only,
+/// for time), `sym_eigen` on two threads must be exactly
+/// `sym_eigen_blocked` on one (the dispatch and the invariance at a size
+/// where every stage runs in parallel).
+fn check_blocked<T: Flt>() {
+    for (i, &d) in [130usize, 203, 300, 520].iter().enumerate() {
+        for (j, &s) in [
+            Spectrum::Wishart,
+            Spectrum::RankDeficient,
+            Spectrum::PowerLaw,
+            Spectrum::Clustered,
+        ]
+        .iter()
+        .enumerate()
+        {
+            if d >= BLOCKED_EIGEN_MIN_DIM && j > 0 {
+                continue;
+            }
+            let mut rg = Gen::new(1000 + 10 * i as u64 + j as u64);
+            let (a, planted) = spectrum_matrix::<T>(&mut rg, d, s);
+            let what = format!("{} d={d} {s:?}", T::NAME);
+            let (l, q) =
+                eigen_with::<T>(&a, Layout::ColMajor, Layout::ColMajor, false, true).unwrap();
+            // Through the dispatch at the large size, directly below it.
+            let dispatch = d >= BLOCKED_EIGEN_MIN_DIM;
+            let (l2, q2) =
+                eigen_with::<T>(&a, Layout::ColMajor, Layout::ColMajor, true, !dispatch).unwrap();
+            let first_diff = |x: &[f64], y: &[f64]| {
+                x.iter()
+                    .zip(y)
+                    .position(|(x, y)| x.to_bits() != y.to_bits())
+            };
+            let as_f64 = |x: &[T]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+            let diff = first_diff(&as_f64(&l), &as_f64(&l2));
+            assert!(
+                diff.is_none(),
+                "{what}: eigenvalue {diff:?} differs on two threads"
+            );
+            let (qm, qm2) = (q.to_m(), q2.to_m());
+            let diff = first_diff(&qm.d, &qm2.d);
+            assert!(
+                diff.is_none(),
+                "{what}: eigenvector entry {diff:?} differs on two threads"
+            );
+            let eps = T::eps();
+            let b = 8.0 * (d + 2) as f64 * eps;
+            let norm_a = a.frob();
+            let l: Vec<f64> = l.iter().map(|v| v.to_f64()).collect();
+            let orth = matmul(&qm.t(), &qm).sub(&M::identity(d)).frob();
+            assert!(orth <= b, "{what}: ||Q^T Q - I|| = {orth:e} > {b:e}");
+            let aq = matmul(&a, &qm);
+            for (k, &lk) in l.iter().enumerate() {
+                if k > 0 {
+                    assert!(l[k - 1] <= lk, "{what}: not ascending at {k}");
+                }
+                if lk > 0.0 {
+                    let r = (0..d)
+                        .map(|r| (aq[(r, k)] - lk * qm[(r, k)]).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    assert!(
+                        r <= b * norm_a,
+                        "{what}: residual {k} = {r:e} > {:e}",
+                        b * norm_a
+                    );
+                }
+            }
+            // Without a planted spectrum: faer's eigenvalues (its own
+            // unblocked reduction and QR iteration) of the same matrix in f64.
+            let reference = planted.unwrap_or_else(|| {
+                faer::Mat::<f64>::from_fn(d, d, |r, c| a[(r, c)])
+                    .self_adjoint_eigenvalues(faer::Side::Lower)
+                    .unwrap()
+            });
+            let tol = (b + eps) * norm_a;
+            for (k, (&lk, &mu)) in l.iter().zip(&reference).enumerate() {
+                assert!(
+                    (lk - mu.max(0.0)).abs() <= tol,
+                    "{what}: eigenvalue {k}: {lk:e} vs {mu:e}, tol {tol:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sym_eigen_blocked_path_is_accurate_and_thread_count_invariant_f32() {
+    check_blocked::<f32>();
+}
+
+#[test]
+fn sym_eigen_blocked_path_is_accurate_and_thread_count_invariant_f64() {
+    check_blocked::<f64>();
+}

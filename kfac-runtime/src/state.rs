@@ -129,13 +129,26 @@ fn alloc(req: StackReq) -> Result<MemBuffer> {
 pub(crate) fn inversion_bytes(n: usize, config: &Config) -> usize {
     let par = Par::Seq;
     let nn = n.saturating_mul(n);
+    // A large factor may be decomposed by all threads (another solver,
+    // another scratch): the larger of the two.
+    let eig = |f32_path: bool| {
+        [Par::Seq, Par::rayon(2), Par::rayon(config.threads)]
+            .into_iter()
+            .map(|p| {
+                if f32_path {
+                    eigen::sym_eigen_scratch::<f32>(n, p).size_bytes()
+                } else {
+                    eigen::sym_eigen_scratch::<f64>(n, p).size_bytes()
+                }
+            })
+            .max()
+            .unwrap_or(0)
+    };
     match config.method {
         Method::Eigen => match config.eigen_precision {
-            Precision::F32 => eigen::sym_eigen_scratch::<f32>(n, par).size_bytes(),
+            Precision::F32 => eig(true),
             // Auto may pick f64.
-            Precision::F64 | Precision::Auto => eigen::sym_eigen_scratch::<f64>(n, par)
-                .size_bytes()
-                .saturating_add(nn.saturating_mul(16)),
+            Precision::F64 | Precision::Auto => eig(false).saturating_add(nn.saturating_mul(16)),
         },
         Method::Inverse => inverse::damped_inverse_scratch::<f32>(n, par).size_bytes(),
     }
