@@ -152,8 +152,9 @@ impl StructSize {
 unsafe fn sized_config(size: Option<StructSize>) -> (Box<WithTail<KfacConfig>>, bool) {
     use std::mem::size_of;
     let cur = size_of::<KfacConfig>();
-    // The layout before `memory_budget` (a u64 appended).
-    let older = [cur - 8];
+    // The layouts before `memory_budget` and before `refresh_tolerance`
+    // (8 bytes appended each time).
+    let older = [cur - 16, cur - 8];
     let (n, ok, poke) = size.map_or((cur, true, None), |s| s.value(cur, &older));
     // SAFETY: all-zero is a valid KfacConfig (integers and floats).
     let zero = unsafe { std::mem::zeroed::<KfacConfig>() };
@@ -161,8 +162,9 @@ unsafe fn sized_config(size: Option<StructSize>) -> (Box<WithTail<KfacConfig>>, 
         v: zero,
         tail: [0xa5; TAIL],
     });
-    // A field an older layout does not have: must not be written then.
+    // Fields an older layout does not have: must not be written then.
     w.v.memory_budget = u64::MAX;
+    w.v.refresh_tolerance = -1.0;
     // The writer: the documented fields, zeros past them, or nothing.
     // SAFETY: `w` has `cur + TAIL` writable bytes, and `n` is at most that
     // unless it exceeds KFAC_MAX_STRUCT_SIZE (refused before any write).
@@ -171,10 +173,16 @@ unsafe fn sized_config(size: Option<StructSize>) -> (Box<WithTail<KfacConfig>>, 
         assert_eq!(st, KfacStatus::KFAC_OK);
         assert_eq!(w.v.struct_size, n);
         assert_eq!(
-            w.v.memory_budget,
-            u64::MAX,
+            w.v.refresh_tolerance, -1.0,
             "wrote past an older struct_size"
         );
+        if n == cur - 16 {
+            assert_eq!(
+                w.v.memory_budget,
+                u64::MAX,
+                "wrote past an older struct_size"
+            );
+        }
         assert!(w.tail.iter().all(|&b| b == 0xa5), "wrote past struct_size");
     } else if n >= cur && n <= cur + TAIL {
         assert_eq!(st, KfacStatus::KFAC_OK);

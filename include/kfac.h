@@ -238,6 +238,18 @@ typedef struct {
   // nothing. Not stored in checkpoints. Appended after the first
   // layout: a caller whose header predates it gets 0.
   uint64_t memory_budget;
+  // Refresh only what drifted (eigen method, native conventions;
+  // `Config::refresh_tolerance` in Rust): at an inverse update, a
+  // factor's previous eigenbasis `Q` is kept, with the eigenvalue
+  // estimates `diag(Q^T F Q)`, when `||offdiag(Q^T F Q)||_F` times the
+  // partner factor's largest eigenvalue over the damping is at most this
+  // tolerance; each factor's damped Kronecker inverse then changes by at
+  // most the tolerance (relative), the preconditioned gradient by about
+  // twice it. 0 (default): every factor is decomposed every time. Must be
+  // finite and >= 0 (else `KFAC_ERR_INVALID_ARGUMENT`); ignored with
+  // `kfac_pytorch_compat`. Appended after `memory_budget`: a caller
+  // whose header predates it gets 0.
+  double refresh_tolerance;
 } KfacConfig;
 
 // Caller-provided collectives, so that K-FAC's communication goes through
@@ -341,6 +353,11 @@ typedef struct {
   uint64_t bytes_sent;
   // Payload bytes this rank received in the step's collectives.
   uint64_t bytes_received;
+  // Factors of this rank whose previous eigenbasis was kept at this
+  // step's inversion instead of being decomposed again
+  // (`KfacConfig.refresh_tolerance`). Appended after the first layout: a
+  // caller whose header predates it does not get it.
+  uint64_t decompositions_kept;
 } KfacStepStats;
 
 #ifdef __cplusplus

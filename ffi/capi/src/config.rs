@@ -88,6 +88,18 @@ pub struct KfacConfig {
     /// nothing. Not stored in checkpoints. Appended after the first
     /// layout: a caller whose header predates it gets 0.
     pub memory_budget: u64,
+    /// Refresh only what drifted (eigen method, native conventions;
+    /// `Config::refresh_tolerance` in Rust): at an inverse update, a
+    /// factor's previous eigenbasis `Q` is kept, with the eigenvalue
+    /// estimates `diag(Q^T F Q)`, when `||offdiag(Q^T F Q)||_F` times the
+    /// partner factor's largest eigenvalue over the damping is at most this
+    /// tolerance; each factor's damped Kronecker inverse then changes by at
+    /// most the tolerance (relative), the preconditioned gradient by about
+    /// twice it. 0 (default): every factor is decomposed every time. Must be
+    /// finite and >= 0 (else `KFAC_ERR_INVALID_ARGUMENT`); ignored with
+    /// `kfac_pytorch_compat`. Appended after `memory_budget`: a caller
+    /// whose header predates it gets 0.
+    pub refresh_tolerance: f64,
 }
 
 /// The layout of `KfacConfig` before `memory_budget` (frozen; its size is
@@ -101,17 +113,31 @@ struct KfacConfigV1 {
     flags: [u32; 8],
 }
 
+/// The layout of `KfacConfig` before `refresh_tolerance` (frozen; its size
+/// is a released `struct_size`).
+#[repr(C)]
+#[allow(dead_code)]
+struct KfacConfigV2 {
+    v1: KfacConfigV1,
+    memory_budget: u64,
+}
+
 // The rules of `extensible` need `struct_size` first and no padding at the
 // end (where a later field could go); the fields above have none at all.
 const _: () = assert!(std::mem::offset_of!(KfacConfig, struct_size) == 0);
 const _: () = assert!(size_of::<KfacConfigV1>() == size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4);
-const _: () = assert!(size_of::<KfacConfig>() == size_of::<KfacConfigV1>() + 8);
+const _: () = assert!(size_of::<KfacConfigV2>() == size_of::<KfacConfigV1>() + 8);
+const _: () = assert!(size_of::<KfacConfig>() == size_of::<KfacConfigV2>() + 8);
 
 // SAFETY: repr(C), `struct_size: usize` first, every field an integer or a
 // float (any bits valid).
 unsafe impl Extensible for KfacConfig {
     const NAME: &'static str = "KfacConfig";
-    const SIZES: &'static [usize] = &[size_of::<KfacConfigV1>(), size_of::<KfacConfig>()];
+    const SIZES: &'static [usize] = &[
+        size_of::<KfacConfigV1>(),
+        size_of::<KfacConfigV2>(),
+        size_of::<KfacConfig>(),
+    ];
     fn defaults() -> Self {
         // Config::default() has constant schedules and no exclusions.
         KfacConfig::from_runtime(&Config::default()).unwrap_or_else(|| unreachable!())
@@ -172,6 +198,7 @@ impl KfacConfig {
             memory_budget: cfg
                 .memory_budget
                 .map_or(Some(0), |b| u64::try_from(b).ok())?,
+            refresh_tolerance: cfg.refresh_tolerance,
         })
     }
 
@@ -241,8 +268,7 @@ impl KfacConfig {
                 }
             },
             ignore_conv_dilation: flag(c.ignore_conv_dilation, "ignore_conv_dilation")?,
-            // Not in the C struct yet: every factor is decomposed.
-            refresh_tolerance: 0.0,
+            refresh_tolerance: c.refresh_tolerance,
             memory_budget: match c.memory_budget {
                 0 => None,
                 b => Some(usize::try_from(b).unwrap_or(usize::MAX)),

@@ -76,16 +76,25 @@ pub struct KfacStepStats {
     pub bytes_sent: u64,
     /// Payload bytes this rank received in the step's collectives.
     pub bytes_received: u64,
+    /// Factors of this rank whose previous eigenbasis was kept at this
+    /// step's inversion instead of being decomposed again
+    /// (`KfacConfig.refresh_tolerance`). Appended after the first layout: a
+    /// caller whose header predates it does not get it.
+    pub decompositions_kept: u64,
 }
 
+/// The size of `KfacStepStats` before `decompositions_kept` (a released
+/// `struct_size`).
+const STEP_STATS_V1: usize = 8 + 8 + 2 * 4 + 6 * 8 + 8 + 4 * 8;
+
 const _: () = assert!(std::mem::offset_of!(KfacStepStats, struct_size) == 0);
-const _: () = assert!(std::mem::size_of::<KfacStepStats>() == 8 + 8 + 2 * 4 + 6 * 8 + 8 + 4 * 8);
+const _: () = assert!(std::mem::size_of::<KfacStepStats>() == STEP_STATS_V1 + 8);
 
 // SAFETY: repr(C), `struct_size: usize` first, integers and floats only
 // (any bits valid), no padding.
 unsafe impl crate::extensible::Extensible for KfacStepStats {
     const NAME: &'static str = "KfacStepStats";
-    const SIZES: &'static [usize] = &[std::mem::size_of::<KfacStepStats>()];
+    const SIZES: &'static [usize] = &[STEP_STATS_V1, std::mem::size_of::<KfacStepStats>()];
     fn defaults() -> Self {
         KfacStepStats::default()
     }
@@ -618,6 +627,7 @@ fn to_stats(s: &StepStats) -> KfacStepStats {
         vg_sum_lr2: s.vg_sum_lr2,
         bytes_sent: s.bytes_sent,
         bytes_received: s.bytes_received,
+        decompositions_kept: s.decompositions_kept as u64,
     }
 }
 

@@ -362,3 +362,104 @@ fn grad_scale_and_stats_size_through_c() {
         ok(kfac_precond_free(scaled.c));
     }
 }
+
+/// `KfacConfig.refresh_tolerance` reaches the runtime: a linear layer fed
+/// the same batch at every step (so its factors stop drifting) keeps its
+/// eigenbases from the second inversion on, `KfacStepStats.
+/// decompositions_kept` says so, and every preconditioned gradient equals
+/// the Rust API's with the same tolerance bitwise; a stats struct of the
+/// first layout is written without the new field.
+#[test]
+fn refresh_tolerance_through_c_equals_the_rust_api() {
+    let mut cfg = std::mem::MaybeUninit::<KfacConfig>::zeroed();
+    // SAFETY: writable, `size_of` bytes.
+    ok(unsafe { kfac_config_default(cfg.as_mut_ptr(), size_of::<KfacConfig>()) });
+    // SAFETY: initialized by the call above.
+    let mut cfg = unsafe { cfg.assume_init() };
+    assert_eq!(
+        cfg.refresh_tolerance, 0.0,
+        "the default decomposes everything"
+    );
+    cfg.threads = 1;
+    cfg.inv_update_steps = 1;
+    cfg.refresh_tolerance = 0.5;
+    let mut c = ptr::null_mut();
+    // SAFETY: valid pointers.
+    ok(unsafe { kfac_precond_create(&cfg, ptr::null_mut(), &mut c) });
+    let mut r = Preconditioner::new(Config {
+        threads: 1,
+        inv_update_steps: 1,
+        refresh_tolerance: 0.5,
+        ..Config::default()
+    })
+    .unwrap();
+    let fc = CString::new("fc").unwrap();
+    let mut id = 0u32;
+    // SAFETY: live handle, valid string and output.
+    ok(unsafe { kfac_register_linear(c, fc.as_ptr(), IN, OUT, 1, &mut id) });
+    r.register(
+        "fc",
+        LayerKind::Linear {
+            in_features: IN,
+            out_features: OUT,
+            bias: true,
+        },
+    )
+    .unwrap();
+    let (a, g) = (data(N * IN, 1), data(N * OUT, 2));
+    let mut kept = Vec::new();
+    for step in 0..4 {
+        // SAFETY: dense buffers of the stated sizes.
+        ok(unsafe { kfac_observe_linear(c, 0, a.as_ptr(), N, IN, g.as_ptr(), OUT) });
+        r.observe(
+            LayerId(0),
+            Observation::Linear {
+                activations: MatRef::from_row_major_slice(&a, N, IN),
+                output_grads: MatRef::from_row_major_slice(&g, N, OUT),
+            },
+        )
+        .unwrap();
+        let (mut w, mut b) = (data(OUT * IN, 4 + step), data(OUT, 5 + step));
+        let (mut w2, mut b2) = (w.clone(), b.clone());
+        let grads = [KfacGrad {
+            layer: 0,
+            weight: w.as_mut_ptr(),
+            ldw: IN,
+            bias: b.as_mut_ptr(),
+        }];
+        // The last step passes the first layout's size: the field past it
+        // stays as it was.
+        let v1 = size_of::<KfacStepStats>() - 8;
+        let mut st = KfacStepStats {
+            struct_size: if step == 3 {
+                v1
+            } else {
+                size_of::<KfacStepStats>()
+            },
+            decompositions_kept: 77,
+            ..Default::default()
+        };
+        // SAFETY: live handle, buffers of the layer's shape, `struct_size`
+        // writable bytes.
+        ok(unsafe { kfac_step(c, grads.as_ptr(), 1, &mut st) });
+        let rs = r
+            .step(&mut [
+                LayerGrad::from_row_major(LayerId(0), &mut w2, OUT, IN, Some(&mut b2)).unwrap(),
+            ])
+            .unwrap();
+        assert_eq!((&w, &b), (&w2, &b2), "step {step}");
+        if step == 3 {
+            assert_eq!((st.struct_size, st.decompositions_kept), (v1, 77));
+        } else {
+            assert_eq!(st.decompositions_kept, rs.decompositions_kept as u64);
+        }
+        kept.push(rs.decompositions_kept);
+    }
+    assert_eq!(
+        kept,
+        [0, 2, 2, 2],
+        "both factors kept after the first inversion"
+    );
+    // SAFETY: live handle, freed once.
+    unsafe { kfac_precond_free(c) };
+}

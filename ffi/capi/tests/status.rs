@@ -696,7 +696,8 @@ fn struct_size_rules_of_kfac_config() {
     let cur = size_of::<KfacConfig>();
     // No padding anywhere (so none at the end for a future field to use):
     // the fields' sizes add up to the struct's.
-    assert_eq!(cur, size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4 + 8);
+    assert_eq!(cur, size_of::<usize>() + 5 * 8 + 2 * 8 + 8 * 4 + 8 + 8);
+    let (v1, v2) = (cur - 16, cur - 8);
     assert_eq!(
         size_of::<KfacCollectives>(),
         2 * size_of::<usize>() + 8 + 4 * size_of::<usize>() + 8
@@ -728,11 +729,12 @@ fn struct_size_rules_of_kfac_config() {
             KFAC_ERR_INVALID_ARGUMENT,
         );
         assert!(q.is_null());
-        // The layout before `memory_budget` (`cur - 8`): accepted, and
+        // The layout before `memory_budget` (`v1`): accepted, and
         // read with no budget; the writer leaves the field alone.
         let mut c = config();
         c.memory_budget = 1;
-        c.struct_size = cur - 8;
+        c.refresh_tolerance = -1.0;
+        c.struct_size = v1;
         expect(kfac_precond_create(&c, ptr::null_mut(), &mut q), KFAC_OK);
         let mut id = 0u32;
         expect(
@@ -740,8 +742,10 @@ fn struct_size_rules_of_kfac_config() {
             KFAC_OK,
         );
         free(q);
-        // With the field read, that budget of one byte refuses the layer.
-        c.struct_size = cur;
+        // With the field read, that budget of one byte refuses the layer
+        // (the layout before `refresh_tolerance`, `v2`, reads it and not
+        // the invalid tolerance).
+        c.struct_size = v2;
         expect(kfac_precond_create(&c, ptr::null_mut(), &mut q), KFAC_OK);
         expect(
             kfac_register_linear(q, c"fc".as_ptr(), 8, 4, 1, &mut id),
@@ -753,12 +757,38 @@ fn struct_size_rules_of_kfac_config() {
             last_error()
         );
         free(q);
+        // The whole struct reads the tolerance: the invalid one is refused.
+        c.struct_size = cur;
+        expect(
+            kfac_precond_create(&c, ptr::null_mut(), &mut q),
+            KFAC_ERR_INVALID_ARGUMENT,
+        );
+        assert!(
+            last_error().contains("refresh_tolerance"),
+            "{}",
+            last_error()
+        );
         let mut z = std::mem::zeroed::<KfacConfig>();
         z.memory_budget = 77;
-        expect(kfac_config_default(&mut z, cur - 8), KFAC_OK);
-        assert_eq!((z.struct_size, z.memory_budget), (cur - 8, 77));
+        z.refresh_tolerance = 0.5;
+        expect(kfac_config_default(&mut z, v1), KFAC_OK);
+        assert_eq!((z.struct_size, z.memory_budget), (v1, 77));
+        expect(kfac_config_default(&mut z, v2), KFAC_OK);
+        assert_eq!(
+            (z.struct_size, z.memory_budget, z.refresh_tolerance),
+            (v2, 0, 0.5)
+        );
+        expect(kfac_config_default(&mut z, cur), KFAC_OK);
+        assert_eq!(z.refresh_tolerance, 0.0);
         // Smaller than any layout, between layouts, zero, garbage: refused.
-        for bad in [cur - 16, cur - 4, 0, KFAC_MAX_STRUCT_SIZE + 1, usize::MAX] {
+        for bad in [
+            v1 - 8,
+            v1 + 4,
+            v2 + 4,
+            0,
+            KFAC_MAX_STRUCT_SIZE + 1,
+            usize::MAX,
+        ] {
             let mut c = config();
             c.struct_size = bad;
             expect(
