@@ -29,20 +29,34 @@
 use crate::tridiag;
 use crate::{check, Error, Real, Result};
 use faer::dyn_stack::{MemStack, StackReq};
-use faer::linalg::evd::{self, ComputeEigenvectors};
+use faer::linalg::evd::{self, ComputeEigenvectors, SelfAdjointEvdParams};
 use faer::linalg::householder;
 use faer::linalg::matmul::matmul;
 use faer::linalg::qr::no_pivoting::factor::recommended_block_size;
 use faer::linalg::{temp_mat_scratch, temp_mat_zeroed};
 use faer::mat::AsMatMut;
 use faer::prelude::{Reborrow, ReborrowMut};
-use faer::{Accum, ColRef, Conj, MatMut, MatRef, Par};
+use faer::{Accum, ColRef, Conj, MatMut, MatRef, Par, Spec};
 
 /// From this order on, [`sym_eigen`] on two or more threads uses
 /// [`sym_eigen_blocked`]; below it, and on one thread, faer's one-stage
 /// solver, which is faster there (BENCHMARKS.md, "Eigendecomposition vs
 /// LAPACK").
 pub const BLOCKED_EIGEN_MIN_DIM: usize = 512;
+
+/// Below this order faer's divide and conquer solves a tridiagonal block
+/// by QR iteration (faer's default is 128). Measured on one thread, f32,
+/// Wishart factors: 64 is 5-21% faster at orders 147-1024 (QR iteration
+/// applies its rotations to the eigenvectors at BLAS-1 speed, so large
+/// leaves cost more than the extra merges).
+const DC_LEAF: usize = 64;
+
+/// faer's eigensolver settings with [`DC_LEAF`].
+fn evd_params<T: Real>() -> Spec<SelfAdjointEvdParams, T> {
+    let mut p: SelfAdjointEvdParams = faer::auto!(T);
+    p.recursion_threshold = DC_LEAF;
+    Spec::new(p)
+}
 
 /// Whether [`sym_eigen`] takes the [`sym_eigen_blocked`] path.
 fn use_blocked(dim: usize, par: Par) -> bool {
@@ -54,14 +68,19 @@ pub fn sym_eigen_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
     if use_blocked(dim, par) {
         return sym_eigen_blocked_scratch::<T>(dim, par);
     }
-    if dim == 0 {
+    faer_scratch(dim, par, evd_params::<T>())
+}
+
+/// Scratch of [`faer_eigen`].
+fn faer_scratch<T: Real>(n: usize, par: Par, params: Spec<SelfAdjointEvdParams, T>) -> StackReq {
+    if n == 0 {
         // Nothing to decompose (and faer's scratch formula underflows at 0).
         return StackReq::EMPTY;
     }
     StackReq::all_of(&[
-        temp_mat_scratch::<T>(dim, dim),
-        temp_mat_scratch::<T>(dim, 1),
-        evd::self_adjoint_evd_scratch::<T>(dim, ComputeEigenvectors::Yes, par, Default::default()),
+        temp_mat_scratch::<T>(n, n),
+        temp_mat_scratch::<T>(n, 1),
+        evd::self_adjoint_evd_scratch::<T>(n, ComputeEigenvectors::Yes, par, params),
     ])
 }
 
@@ -72,7 +91,9 @@ pub fn sym_eigen_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
 /// Two solvers behind one call, chosen by measurement: from order
 /// [`BLOCKED_EIGEN_MIN_DIM`] on, with `par` of two or more threads,
 /// [`sym_eigen_blocked`] (15-30% faster than faer there); otherwise faer's
-/// `self_adjoint_evd` (faster on one thread and for small factors). The
+/// `self_adjoint_evd` (faster on one thread and for small factors) with
+/// divide-and-conquer leaves of 64 instead of faer's 128 (5-21% faster at
+/// orders 147-1024; [`sym_eigen_reference`] keeps faer's settings). The
 /// choice depends only on `dim` and `par.degree()`, so a given call is
 /// deterministic; results of the same factor may differ in the last bits
 /// between one and several threads for orders of at least
@@ -86,7 +107,7 @@ pub fn sym_eigen_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
 pub fn sym_eigen<T: Real>(
     a: MatRef<'_, T>,
     eigenvalues: &mut [T],
-    mut eigenvectors: MatMut<'_, T>,
+    eigenvectors: MatMut<'_, T>,
     par: Par,
     stack: &mut MemStack,
 ) -> Result<()> {
@@ -94,10 +115,47 @@ pub fn sym_eigen<T: Real>(
     if use_blocked(n, par) {
         return sym_eigen_blocked(a, eigenvalues, eigenvectors, par, stack);
     }
+    faer_eigen(a, eigenvalues, eigenvectors, par, stack, evd_params::<T>())
+}
+
+/// Scratch needed by [`sym_eigen_reference`] for a `dim x dim` matrix.
+pub fn sym_eigen_reference_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
+    faer_scratch::<T>(dim, par, Default::default())
+}
+
+/// [`sym_eigen`] as kfac computed it before the solver was tuned: faer's
+/// `self_adjoint_evd` with faer's default settings, for every size and
+/// thread count. Slower than [`sym_eigen`] (by 5-21% at orders 147-1024 on
+/// one thread), but its bits never change with our tuning: the runtime's
+/// kfac-pytorch compatibility mode uses it, so those results stay exactly
+/// what they were. Same contract as [`sym_eigen`].
+///
+/// # Errors
+/// As [`sym_eigen`].
+pub fn sym_eigen_reference<T: Real>(
+    a: MatRef<'_, T>,
+    eigenvalues: &mut [T],
+    eigenvectors: MatMut<'_, T>,
+    par: Par,
+    stack: &mut MemStack,
+) -> Result<()> {
+    faer_eigen(a, eigenvalues, eigenvectors, par, stack, Default::default())
+}
+
+/// faer's `self_adjoint_evd` behind our checks and clamping.
+fn faer_eigen<T: Real>(
+    a: MatRef<'_, T>,
+    eigenvalues: &mut [T],
+    mut eigenvectors: MatMut<'_, T>,
+    par: Par,
+    stack: &mut MemStack,
+    params: Spec<SelfAdjointEvdParams, T>,
+) -> Result<()> {
+    let n = check::square("factor", a)?;
     check::len("eigenvalues", eigenvalues.len(), n)?;
     check::shape_mut("eigenvectors", &eigenvectors, n, n)?;
     check::finite_lower("factor", a)?;
-    check::stack(stack, sym_eigen_scratch::<T>(n, par))?;
+    check::stack(stack, faer_scratch(n, par, params))?;
     if n == 0 {
         return Ok(());
     }
@@ -111,7 +169,7 @@ pub fn sym_eigen<T: Real>(
         Some(u.rb_mut()),
         par,
         stack,
-        Default::default(),
+        params,
     )
     .map_err(|_| Error::EigenNoConvergence { dim: n })?;
     for (i, l) in eigenvalues.iter_mut().enumerate() {
@@ -143,12 +201,7 @@ pub fn sym_eigen_blocked_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
             tridiag::scratch::<T>(n),
             // Covers faer's divide and conquer (whose own scratch function
             // is private) with room to spare: one n x n matrix.
-            evd::self_adjoint_evd_scratch::<T>(
-                n,
-                ComputeEigenvectors::Yes,
-                par,
-                Default::default(),
-            ),
+            evd::self_adjoint_evd_scratch::<T>(n, ComputeEigenvectors::Yes, par, evd_params::<T>()),
             householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(
                 n - 1,
                 bs,
@@ -242,7 +295,7 @@ pub fn sym_eigen_blocked<T: Real>(
         Some(u.rb_mut()),
         par,
         stack,
-        Default::default(),
+        evd_params::<T>(),
     )
     .map_err(|_| Error::EigenNoConvergence { dim: n })?;
     // 4. Back to the factor's basis: Q = H_0 H_1 ... H_{n-2} applied to U.

@@ -11,7 +11,8 @@ use faer::{MatMut, MatRef, Par};
 use kfac_kernels::eigen::{
     eigen_inverse_denominators, eigenbasis_drift, eigenbasis_drift_scratch, precondition_eigen,
     precondition_eigen_precomputed, precondition_eigen_scratch, sym_eigen, sym_eigen_blocked,
-    sym_eigen_blocked_scratch, sym_eigen_scratch, BLOCKED_EIGEN_MIN_DIM,
+    sym_eigen_blocked_scratch, sym_eigen_reference, sym_eigen_reference_scratch, sym_eigen_scratch,
+    BLOCKED_EIGEN_MIN_DIM,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -680,44 +681,58 @@ fn check_blocked<T: Flt>() {
                 diff.is_none(),
                 "{what}: eigenvector entry {diff:?} differs on two threads"
             );
-            let eps = T::eps();
-            let b = 8.0 * (d + 2) as f64 * eps;
-            let norm_a = a.frob();
-            let l: Vec<f64> = l.iter().map(|v| v.to_f64()).collect();
-            let orth = matmul(&qm.t(), &qm).sub(&M::identity(d)).frob();
-            assert!(orth <= b, "{what}: ||Q^T Q - I|| = {orth:e} > {b:e}");
-            let aq = matmul(&a, &qm);
-            for (k, &lk) in l.iter().enumerate() {
-                if k > 0 {
-                    assert!(l[k - 1] <= lk, "{what}: not ascending at {k}");
-                }
-                if lk > 0.0 {
-                    let r = (0..d)
-                        .map(|r| (aq[(r, k)] - lk * qm[(r, k)]).powi(2))
-                        .sum::<f64>()
-                        .sqrt();
-                    assert!(
-                        r <= b * norm_a,
-                        "{what}: residual {k} = {r:e} > {:e}",
-                        b * norm_a
-                    );
-                }
-            }
-            // Without a planted spectrum: faer's eigenvalues (its own
-            // unblocked reduction and QR iteration) of the same matrix in f64.
-            let reference = planted.unwrap_or_else(|| {
-                faer::Mat::<f64>::from_fn(d, d, |r, c| a[(r, c)])
-                    .self_adjoint_eigenvalues(faer::Side::Lower)
-                    .unwrap()
-            });
-            let tol = (b + eps) * norm_a;
-            for (k, (&lk, &mu)) in l.iter().zip(&reference).enumerate() {
-                assert!(
-                    (lk - mu.max(0.0)).abs() <= tol,
-                    "{what}: eigenvalue {k}: {lk:e} vs {mu:e}, tol {tol:e}"
-                );
+            check_accuracy::<T>(&what, &a, planted.as_deref(), &l, &qm);
+            // The one-thread path below the blocked sizes (faer's solver
+            // with our divide-and-conquer leaves).
+            if !dispatch {
+                let (l3, q3) =
+                    eigen_with::<T>(&a, Layout::ColMajor, Layout::ColMajor, false, false).unwrap();
+                let what = format!("{what} (sym_eigen, one thread)");
+                check_accuracy::<T>(&what, &a, planted.as_deref(), &l3, &q3.to_m());
             }
         }
+    }
+}
+
+/// The bounds of [`check_blocked`] for one decomposition `(l, Q)` of `a`.
+fn check_accuracy<T: Flt>(what: &str, a: &M, planted: Option<&[f64]>, l: &[T], qm: &M) {
+    let d = a.r;
+    let eps = T::eps();
+    let b = 8.0 * (d + 2) as f64 * eps;
+    let norm_a = a.frob();
+    let l: Vec<f64> = l.iter().map(|v| v.to_f64()).collect();
+    let orth = matmul(&qm.t(), qm).sub(&M::identity(d)).frob();
+    assert!(orth <= b, "{what}: ||Q^T Q - I|| = {orth:e} > {b:e}");
+    let aq = matmul(a, qm);
+    for (k, &lk) in l.iter().enumerate() {
+        if k > 0 {
+            assert!(l[k - 1] <= lk, "{what}: not ascending at {k}");
+        }
+        if lk > 0.0 {
+            let r = (0..d)
+                .map(|r| (aq[(r, k)] - lk * qm[(r, k)]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                r <= b * norm_a,
+                "{what}: residual {k} = {r:e} > {:e}",
+                b * norm_a
+            );
+        }
+    }
+    // Without a planted spectrum: faer's eigenvalues (its own
+    // unblocked reduction and QR iteration) of the same matrix in f64.
+    let reference = planted.map(<[f64]>::to_vec).unwrap_or_else(|| {
+        faer::Mat::<f64>::from_fn(d, d, |r, c| a[(r, c)])
+            .self_adjoint_eigenvalues(faer::Side::Lower)
+            .unwrap()
+    });
+    let tol = (b + eps) * norm_a;
+    for (k, (&lk, &mu)) in l.iter().zip(&reference).enumerate() {
+        assert!(
+            (lk - mu.max(0.0)).abs() <= tol,
+            "{what}: eigenvalue {k}: {lk:e} vs {mu:e}, tol {tol:e}"
+        );
     }
 }
 
@@ -729,4 +744,53 @@ fn sym_eigen_blocked_path_is_accurate_and_thread_count_invariant_f32() {
 #[test]
 fn sym_eigen_blocked_path_is_accurate_and_thread_count_invariant_f64() {
     check_blocked::<f64>();
+}
+
+/// `sym_eigen_reference` (what kfac-pytorch mode uses) is faer's default
+/// solver, bit for bit, at a size where our tuned divide and conquer would
+/// differ from it (d = 150: faer's default solves it by QR iteration).
+#[test]
+fn sym_eigen_reference_is_faers_default_solver_bitwise() {
+    let d = 150;
+    let mut rg = Gen::new(77);
+    let (a, _) = spectrum_matrix::<f32>(&mut rg, d, Spectrum::Wishart);
+    let a32 = faer::Mat::<f32>::from_fn(d, d, |i, j| a[(i.max(j), i.min(j))] as f32);
+    let mut l = vec![0f32; d];
+    let mut q = faer::Mat::<f32>::zeros(d, d);
+    let mut buf = buffer(sym_eigen_reference_scratch::<f32>(d, Par::Seq));
+    sym_eigen_reference(
+        a32.as_ref(),
+        &mut l,
+        q.as_mut(),
+        Par::Seq,
+        MemStack::new(&mut buf),
+    )
+    .unwrap();
+    let mut s = faer::Mat::<f32>::zeros(d, 1);
+    let mut u = faer::Mat::<f32>::zeros(d, d);
+    let mut fb = buffer(faer::linalg::evd::self_adjoint_evd_scratch::<f32>(
+        d,
+        faer::linalg::evd::ComputeEigenvectors::Yes,
+        Par::Seq,
+        Default::default(),
+    ));
+    faer::linalg::evd::self_adjoint_evd(
+        a32.as_ref(),
+        s.as_mut().col_mut(0).as_diagonal_mut(),
+        Some(u.as_mut()),
+        Par::Seq,
+        MemStack::new(&mut fb),
+        Default::default(),
+    )
+    .unwrap();
+    for i in 0..d {
+        assert_eq!(
+            l[i].to_bits(),
+            s[(i, 0)].max(0.0).to_bits(),
+            "eigenvalue {i}"
+        );
+        for j in 0..d {
+            assert_eq!(q[(i, j)].to_bits(), u[(i, j)].to_bits(), "Q[{i}, {j}]");
+        }
+    }
 }

@@ -130,15 +130,20 @@ pub(crate) fn inversion_bytes(n: usize, config: &Config) -> usize {
     let par = Par::Seq;
     let nn = n.saturating_mul(n);
     // A large factor may be decomposed by all threads (another solver,
-    // another scratch): the larger of the two.
+    // another scratch), kfac-pytorch mode uses the reference solver: the
+    // largest of them.
     let eig = |f32_path: bool| {
         [Par::Seq, Par::rayon(2), Par::rayon(config.threads)]
             .into_iter()
             .map(|p| {
                 if f32_path {
-                    eigen::sym_eigen_scratch::<f32>(n, p).size_bytes()
+                    eigen::sym_eigen_scratch::<f32>(n, p)
+                        .or(eigen::sym_eigen_reference_scratch::<f32>(n, p))
+                        .size_bytes()
                 } else {
-                    eigen::sym_eigen_scratch::<f64>(n, p).size_bytes()
+                    eigen::sym_eigen_scratch::<f64>(n, p)
+                        .or(eigen::sym_eigen_reference_scratch::<f64>(n, p))
+                        .size_bytes()
                 }
             })
             .max()

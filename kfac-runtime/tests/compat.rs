@@ -343,3 +343,74 @@ fn version_1_checkpoints_still_load() {
     );
     Preconditioner::load(&again).unwrap();
 }
+
+/// kfac-pytorch mode decomposes with `eigen::sym_eigen_reference` (faer's
+/// default solver, so its numbers do not move when the native solver is
+/// tuned) and native mode with `eigen::sym_eigen`: the stored eigenvectors
+/// of a 100-wide factor are exactly each kernel's result on the factor the
+/// preconditioner holds, and the two differ.
+#[test]
+fn kfac_pytorch_mode_keeps_the_reference_eigensolver() {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use kfac_kernels::eigen;
+    let (n, i, o) = (160, 100, 3);
+    let a: Vec<f32> = (0..n * i)
+        .map(|k| ((k * 7919 % 1009) as f32 / 1009.0 - 0.5) * (1.0 + (k % i) as f32 / 50.0))
+        .collect();
+    let g: Vec<f32> = (0..n * o)
+        .map(|k| (k * 31 % 17) as f32 / 17.0 - 0.5)
+        .collect();
+    let mut qs = Vec::new();
+    for config in [Config::kfac_pytorch(), Config::default()] {
+        let reference = config.compat == Compat::KfacPytorch;
+        let mut p = Preconditioner::new(Config {
+            threads: 1,
+            eigen_precision: Precision::F32,
+            ..config
+        })
+        .unwrap();
+        let id = linear(&mut p, i, o);
+        p.observe(
+            id,
+            Observation::Linear {
+                activations: MatRef::from_row_major_slice(&a, n, i),
+                output_grads: MatRef::from_row_major_slice(&g, n, o),
+            },
+        )
+        .unwrap();
+        let mut w = vec![0.01f32; o * i];
+        p.step(&mut [LayerGrad::from_row_major(id, &mut w, o, i, None).unwrap()])
+            .unwrap();
+        let (fa, _) = p.factors(id).unwrap();
+        let Some(Decomposition::Eigen { qa: Some(qa), .. }) = p.decomposition(id).unwrap() else {
+            panic!("expected an eigendecomposition");
+        };
+        let mut l = vec![0f32; i];
+        let mut q = Mat::<f32>::zeros(i, i);
+        let par = faer::Par::Seq;
+        if reference {
+            let mut buf = MemBuffer::new(eigen::sym_eigen_reference_scratch::<f32>(i, par));
+            eigen::sym_eigen_reference(
+                fa.as_ref(),
+                &mut l,
+                q.as_mut(),
+                par,
+                MemStack::new(&mut buf),
+            )
+            .unwrap();
+        } else {
+            let mut buf = MemBuffer::new(eigen::sym_eigen_scratch::<f32>(i, par));
+            eigen::sym_eigen(
+                fa.as_ref(),
+                &mut l,
+                q.as_mut(),
+                par,
+                MemStack::new(&mut buf),
+            )
+            .unwrap();
+        }
+        assert_eq!(qa, q, "reference solver: {reference}");
+        qs.push(qa);
+    }
+    assert_ne!(qs[0], qs[1], "the two solvers should differ in some bits");
+}

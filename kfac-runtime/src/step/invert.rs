@@ -241,22 +241,34 @@ pub(crate) fn run(
     ex.settle(local).map(|v| (v, kept.into_inner()))
 }
 
-/// Eigendecomposition of a dense factor in the configured precision.
+/// Eigendecomposition of a dense factor in the configured precision; in
+/// kfac-pytorch mode with `eigen::sym_eigen_reference` (faer's default
+/// solver), so those results never change with our solver's tuning.
 fn eig(
     name: &str,
     m: &Mat<f32>,
     precision: Precision,
+    compat: Compat,
     par: Par,
     scratch: &Scratch,
 ) -> Result<(Mat<f32>, Vec<f32>)> {
     let n = m.nrows();
+    let reference = compat == Compat::KfacPytorch;
     match precision {
         Precision::F32 => {
             let what = format!("layer '{name}': eigenvectors");
             let mut q = mem::zeros::<f32>(n, n, &what)?;
             let mut l = mem::filled(n, 0.0f32, &what)?;
-            scratch.with(eigen::sym_eigen_scratch::<f32>(n, par), |stack| {
-                eigen::sym_eigen(m.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
+            let (solve, need): (EigFn<f32>, _) = if reference {
+                (
+                    eigen::sym_eigen_reference,
+                    eigen::sym_eigen_reference_scratch::<f32>(n, par),
+                )
+            } else {
+                (eigen::sym_eigen, eigen::sym_eigen_scratch::<f32>(n, par))
+            };
+            scratch.with(need, |stack| {
+                solve(m.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
             })?;
             Ok((q, l))
         }
@@ -265,8 +277,16 @@ fn eig(
             let w = mem::from_fn::<f64>(n, n, &what, |i, j| m[(i, j)] as f64)?;
             let mut q = mem::zeros::<f64>(n, n, &what)?;
             let mut l = mem::filled(n, 0.0f64, &what)?;
-            scratch.with(eigen::sym_eigen_scratch::<f64>(n, par), |stack| {
-                eigen::sym_eigen(w.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
+            let (solve, need): (EigFn<f64>, _) = if reference {
+                (
+                    eigen::sym_eigen_reference,
+                    eigen::sym_eigen_reference_scratch::<f64>(n, par),
+                )
+            } else {
+                (eigen::sym_eigen, eigen::sym_eigen_scratch::<f64>(n, par))
+            };
+            scratch.with(need, |stack| {
+                solve(w.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
             })?;
             drop(w);
             let what = format!("layer '{name}': eigenvectors");
@@ -277,6 +297,15 @@ fn eig(
         }
     }
 }
+
+/// The signature of the kernels' eigensolvers.
+type EigFn<T> = fn(
+    faer::MatRef<'_, T>,
+    &mut [T],
+    faer::MatMut<'_, T>,
+    Par,
+    &mut faer::dyn_stack::MemStack,
+) -> kfac_kernels::Result<()>;
 
 /// Which tasks of a queue in LPT order (costs given) run with all
 /// `threads`: those costing more than a thread's share of the work left
@@ -449,7 +478,7 @@ fn invert_one(
     let par = |d: usize| par_for(if d > 512 { threads } else { 1 });
     match (cfg.method, f) {
         (Method::Eigen, Factor::Dense(m)) => {
-            let (q, l) = eig(name, m, precision, par(m.nrows()), scratch)?;
+            let (q, l) = eig(name, m, precision, cfg.compat, par(m.nrows()), scratch)?;
             Ok(FactorInv::Eigen { q: Some(q), l })
         }
         (Method::Eigen, Factor::Diag(d)) => {
