@@ -45,16 +45,23 @@ use faer::{Accum, ColRef, Conj, MatMut, MatRef, Par, Spec};
 pub const BLOCKED_EIGEN_MIN_DIM: usize = 512;
 
 /// Below this order faer's divide and conquer solves a tridiagonal block
-/// by QR iteration (faer's default is 128). Measured on one thread, f32,
-/// Wishart factors: 64 is 5-21% faster at orders 147-1024 (QR iteration
-/// applies its rotations to the eigenvectors at BLAS-1 speed, so large
-/// leaves cost more than the extra merges).
+/// by QR iteration (faer's default is 128), for factors of order below
+/// [`DC_LEAF_MAX_DIM`]. Measured on one thread, Wishart factors: 64 is
+/// 11-24% faster in f32 at orders 147-512 (QR iteration applies its
+/// rotations to the eigenvectors at BLAS-1 speed, so large leaves cost more
+/// than the extra merges), level at 1024 and 4-10% slower at 2048, where
+/// faer's 128 is kept.
 const DC_LEAF: usize = 64;
 
-/// faer's eigensolver settings with [`DC_LEAF`].
-fn evd_params<T: Real>() -> Spec<SelfAdjointEvdParams, T> {
+/// From this order on, faer's default leaf size (see [`DC_LEAF`]).
+const DC_LEAF_MAX_DIM: usize = 1024;
+
+/// faer's eigensolver settings for an `n x n` factor (see [`DC_LEAF`]).
+fn evd_params<T: Real>(n: usize) -> Spec<SelfAdjointEvdParams, T> {
     let mut p: SelfAdjointEvdParams = faer::auto!(T);
-    p.recursion_threshold = DC_LEAF;
+    if n < DC_LEAF_MAX_DIM {
+        p.recursion_threshold = DC_LEAF;
+    }
     Spec::new(p)
 }
 
@@ -68,7 +75,7 @@ pub fn sym_eigen_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
     if use_blocked(dim, par) {
         return sym_eigen_blocked_scratch::<T>(dim, par);
     }
-    faer_scratch(dim, par, evd_params::<T>())
+    faer_scratch(dim, par, evd_params::<T>(dim))
 }
 
 /// Scratch of [`faer_eigen`].
@@ -92,8 +99,9 @@ fn faer_scratch<T: Real>(n: usize, par: Par, params: Spec<SelfAdjointEvdParams, 
 /// [`BLOCKED_EIGEN_MIN_DIM`] on, with `par` of two or more threads,
 /// [`sym_eigen_blocked`] (15-30% faster than faer there); otherwise faer's
 /// `self_adjoint_evd` (faster on one thread and for small factors) with
-/// divide-and-conquer leaves of 64 instead of faer's 128 (5-21% faster at
-/// orders 147-1024; [`sym_eigen_reference`] keeps faer's settings). The
+/// divide-and-conquer leaves of 64 instead of faer's 128 below order 1024
+/// (11-24% faster in f32 at orders 147-512; [`sym_eigen_reference`] keeps
+/// faer's settings). The
 /// choice depends only on `dim` and `par.degree()`, so a given call is
 /// deterministic; results of the same factor may differ in the last bits
 /// between one and several threads for orders of at least
@@ -115,7 +123,7 @@ pub fn sym_eigen<T: Real>(
     if use_blocked(n, par) {
         return sym_eigen_blocked(a, eigenvalues, eigenvectors, par, stack);
     }
-    faer_eigen(a, eigenvalues, eigenvectors, par, stack, evd_params::<T>())
+    faer_eigen(a, eigenvalues, eigenvectors, par, stack, evd_params::<T>(n))
 }
 
 /// Scratch needed by [`sym_eigen_reference`] for a `dim x dim` matrix.
@@ -125,8 +133,8 @@ pub fn sym_eigen_reference_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
 
 /// [`sym_eigen`] as kfac computed it before the solver was tuned: faer's
 /// `self_adjoint_evd` with faer's default settings, for every size and
-/// thread count. Slower than [`sym_eigen`] (by 5-21% at orders 147-1024 on
-/// one thread), but its bits never change with our tuning: the runtime's
+/// thread count. Slower than [`sym_eigen`] (which takes 0.76-0.89x its time
+/// at orders 256-512 on one thread, f32), but its bits never change with our tuning: the runtime's
 /// kfac-pytorch compatibility mode uses it, so those results stay exactly
 /// what they were. Same contract as [`sym_eigen`].
 ///
@@ -201,7 +209,12 @@ pub fn sym_eigen_blocked_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
             tridiag::scratch::<T>(n),
             // Covers faer's divide and conquer (whose own scratch function
             // is private) with room to spare: one n x n matrix.
-            evd::self_adjoint_evd_scratch::<T>(n, ComputeEigenvectors::Yes, par, evd_params::<T>()),
+            evd::self_adjoint_evd_scratch::<T>(
+                n,
+                ComputeEigenvectors::Yes,
+                par,
+                evd_params::<T>(n),
+            ),
             householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(
                 n - 1,
                 bs,
@@ -295,7 +308,7 @@ pub fn sym_eigen_blocked<T: Real>(
         Some(u.rb_mut()),
         par,
         stack,
-        evd_params::<T>(),
+        evd_params::<T>(n),
     )
     .map_err(|_| Error::EigenNoConvergence { dim: n })?;
     // 4. Back to the factor's basis: Q = H_0 H_1 ... H_{n-2} applied to U.

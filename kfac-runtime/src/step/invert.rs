@@ -86,7 +86,8 @@ pub(crate) fn run(
         tasks.sort_by_key(|&t| std::cmp::Reverse(factor_dim(factor_of(t))));
         let threads = ctx.pool.current_num_threads();
         let workers = threads.min(tasks.len());
-        // Work left from each position of the queue on (cost ~ n^3): a
+        // Work left from each position of the queue on (the measured cost
+        // model `distributed::dense_cost`, ~ n^3 for large n): a
         // task larger than a thread's share of what is left runs with every
         // thread (`wide`). A lone factor always does; of three equal large
         // factors on two threads, the third does, once the first two ran
@@ -95,7 +96,7 @@ pub(crate) fn run(
         // solver's work when it comes back to the queue.
         let costs: Vec<f64> = tasks
             .iter()
-            .map(|&t| (factor_dim(factor_of(t)) as f64).powi(3))
+            .map(|&t| distributed::dense_cost(factor_dim(factor_of(t))) as f64)
             .collect();
         let wide = wide_tasks(&costs, threads);
         let wide = |k: usize| wide[k];
