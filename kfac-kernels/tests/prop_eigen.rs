@@ -794,3 +794,57 @@ fn sym_eigen_reference_is_faers_default_solver_bitwise() {
         }
     }
 }
+
+/// The two-thread team of the blocked reduction never waits for a helper
+/// that cannot run: in a pool of one thread (the helper only runs after
+/// the master has finished, if at all) `Par::rayon(2)` completes and gives
+/// the bits of `Par::Seq`; the same in a pool of two threads whose other
+/// thread is kept busy for the whole decomposition.
+#[test]
+fn blocked_team_completes_without_a_second_thread() {
+    let d = 300;
+    let mut rg = Gen::new(5);
+    let (a, _) = spectrum_matrix::<f32>(&mut rg, d, Spectrum::Wishart);
+    let a32 = faer::Mat::<f32>::from_fn(d, d, |i, j| a[(i.max(j), i.min(j))] as f32);
+    let solve = |par: Par| {
+        let mut l = vec![0f32; d];
+        let mut q = faer::Mat::<f32>::zeros(d, d);
+        let mut buf = buffer(sym_eigen_blocked_scratch::<f32>(d, par));
+        sym_eigen_blocked(
+            a32.as_ref(),
+            &mut l,
+            q.as_mut(),
+            par,
+            MemStack::new(&mut buf),
+        )
+        .unwrap();
+        (l, q)
+    };
+    let seq = solve(Par::Seq);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    assert_eq!(one.install(|| solve(Par::rayon(2))), seq);
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let busy = std::sync::atomic::AtomicBool::new(true);
+    let got = two.install(|| {
+        rayon::join(
+            || {
+                let r = solve(Par::rayon(2));
+                busy.store(false, std::sync::atomic::Ordering::Release);
+                r
+            },
+            || {
+                while busy.load(std::sync::atomic::Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+            },
+        )
+        .0
+    });
+    assert_eq!(got, seq);
+}
