@@ -136,6 +136,10 @@ pub trait LapackReal: Copy + Default {
     ) -> c_int;
     /// The workspace size a query returned.
     fn to_len(self) -> usize;
+    /// Widens to `f64`.
+    fn as_f64(self) -> f64;
+    /// Machine epsilon, as `f64`.
+    const EPS: f64;
 }
 
 macro_rules! lapack_real {
@@ -182,6 +186,10 @@ macro_rules! lapack_real {
             fn to_len(self) -> usize {
                 self as usize
             }
+            fn as_f64(self) -> f64 {
+                self as f64
+            }
+            const EPS: f64 = <$t>::EPSILON as f64;
         }
     };
 }
@@ -232,5 +240,20 @@ impl<T: LapackReal> Syevd<T> {
             liw,
         );
         assert_eq!(info, 0, "?syevd failed: info {info}");
+    }
+
+    /// Panics unless the eigenvalues of the last [`Syevd::run`] (clamped at
+    /// zero, as kfac clamps) and `ours` agree within `64 n eps norm`
+    /// (`norm` a norm of the matrix): otherwise the baseline does not
+    /// compute what we do.
+    pub fn assert_eigenvalues_match(&self, ours: &[f64], norm: f64, what: &str) {
+        let tol = 64.0 * self.n as f64 * T::EPS * norm;
+        for (k, (x, y)) in ours.iter().zip(&self.w).enumerate() {
+            let y = y.as_f64().max(0.0);
+            assert!(
+                (x - y).abs() <= tol,
+                "{what}: eigenvalue {k}: ours {x} vs LAPACK {y} (tol {tol:e})"
+            );
+        }
     }
 }
