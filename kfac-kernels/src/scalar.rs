@@ -66,22 +66,14 @@ pub trait Real:
     fn simd_axpy(alpha: Self, x: &[Self], y: &mut [Self]);
     /// `sum_i x[i] * y[i]` for `i < min(len)`, vectorized with pulp.
     fn simd_dot(x: &[Self], y: &[Self]) -> Self;
-    /// `y += alpha x` and returns `x . z`, in one pass over `x` (the
-    /// column step of a symmetric matrix-vector product); the length is the
-    /// shortest of the three.
-    fn simd_axpy_dot(alpha: Self, x: &[Self], y: &mut [Self], z: &[Self]) -> Self;
-    /// Four columns at once: `y += sum_k alpha[k] x[k]` and returns
-    /// `[x[k] . z]`, in one pass (fewer loads and stores of `y` per
-    /// column); the length is the shortest of all.
-    fn simd_axpy_dot4(alpha: [Self; 4], x: [&[Self]; 4], y: &mut [Self], z: &[Self]) -> [Self; 4];
     /// Columns `c0..c_end` of `y = S v` for the `len x len` symmetric matrix
     /// whose lower triangle starts at `a[0]` (column-major, leading
     /// dimension `ld`): `out[r - ystart]` receives the sum over those
     /// columns for each row `r >= ystart` they touch (`out` is overwritten).
     /// Four columns at a time (their 4 x 4 diagonal block in scalar code,
-    /// the rows below as [`Real::simd_axpy_dot4`]), the rest one by one as
-    /// [`Real::simd_axpy_dot`], all in one SIMD dispatch; the bits are
-    /// those of that sequence of calls.
+    /// the rows below in one fused pass that updates `out` and returns the
+    /// columns' dot products with `v`), the rest one by one, all in one
+    /// SIMD dispatch.
     ///
     /// # Panics
     /// If a column or `out` is shorter than the ranges imply.
@@ -110,8 +102,8 @@ pub trait Real:
 
 macro_rules! impl_real {
     ($t:ty, $kern:ident, $name:literal, $sqrt:path, $as_simd:ident, $as_mut_simd:ident, $splat:ident, $mul_add:ident, $mul:ident, $add:ident, $reduce:ident) => {
-        /// The loops shared by the SIMD kernels below, callable inside one
-        /// dispatch.
+        /// The inner loops of `simd_symv_cols` (several columns at once, and
+        /// one), inlined into its single SIMD dispatch.
         mod $kern {
         #[inline(always)]
         pub(super) fn axpy_dot4_in<S: pulp::Simd>(simd: S, alpha: [$t; 4], x: [&[$t]; 4], y: &mut [$t], z: &[$t]) -> [$t; 4] {
@@ -259,38 +251,6 @@ macro_rules! impl_real {
                     }
                 }
                 pulp::Arch::new().dispatch(Op { x, y })
-            }
-            fn simd_axpy_dot(alpha: Self, x: &[Self], y: &mut [Self], z: &[Self]) -> Self {
-                struct Op<'a> {
-                    alpha: $t,
-                    x: &'a [$t],
-                    y: &'a mut [$t],
-                    z: &'a [$t],
-                }
-                impl pulp::WithSimd for Op<'_> {
-                    type Output = $t;
-                    #[inline(always)]
-                    fn with_simd<S: pulp::Simd>(self, simd: S) -> $t {
-                        $kern::axpy_dot_in(simd, self.alpha, self.x, self.y, self.z)
-                    }
-                }
-                pulp::Arch::new().dispatch(Op { alpha, x, y, z })
-            }
-            fn simd_axpy_dot4(alpha: [Self; 4], x: [&[Self]; 4], y: &mut [Self], z: &[Self]) -> [Self; 4] {
-                struct Op<'a> {
-                    alpha: [$t; 4],
-                    x: [&'a [$t]; 4],
-                    y: &'a mut [$t],
-                    z: &'a [$t],
-                }
-                impl pulp::WithSimd for Op<'_> {
-                    type Output = [$t; 4];
-                    #[inline(always)]
-                    fn with_simd<S: pulp::Simd>(self, simd: S) -> [$t; 4] {
-                        $kern::axpy_dot4_in(simd, self.alpha, self.x, self.y, self.z)
-                    }
-                }
-                pulp::Arch::new().dispatch(Op { alpha, x, y, z })
             }
             #[allow(clippy::too_many_arguments)]
             fn simd_symv_cols(

@@ -129,34 +129,31 @@ fn alloc(req: StackReq) -> Result<MemBuffer> {
 pub(crate) fn inversion_bytes(n: usize, config: &Config) -> usize {
     let par = Par::Seq;
     let nn = n.saturating_mul(n);
-    // A large factor may be decomposed by all threads (another solver,
-    // another scratch), kfac-pytorch mode uses the reference solver: the
-    // largest of them.
-    let eig = |f32_path: bool| {
-        [Par::Seq, Par::rayon(2), Par::rayon(config.threads)]
-            .into_iter()
-            .map(|p| {
-                if f32_path {
-                    eigen::sym_eigen_scratch::<f32>(n, p)
-                        .or(eigen::sym_eigen_reference_scratch::<f32>(n, p))
-                        .size_bytes()
-                } else {
-                    eigen::sym_eigen_scratch::<f64>(n, p)
-                        .or(eigen::sym_eigen_reference_scratch::<f64>(n, p))
-                        .size_bytes()
-                }
-            })
-            .max()
-            .unwrap_or(0)
-    };
     match config.method {
         Method::Eigen => match config.eigen_precision {
-            Precision::F32 => eig(true),
+            Precision::F32 => eigen_bytes::<f32>(n, config),
             // Auto may pick f64.
-            Precision::F64 | Precision::Auto => eig(false).saturating_add(nn.saturating_mul(16)),
+            Precision::F64 | Precision::Auto => {
+                eigen_bytes::<f64>(n, config).saturating_add(nn.saturating_mul(16))
+            }
         },
         Method::Inverse => inverse::damped_inverse_scratch::<f32>(n, par).size_bytes(),
     }
+}
+
+/// Eigensolver scratch in `T` for an `n x n` factor: a large factor may be
+/// decomposed by every thread (another solver, another scratch) and
+/// kfac-pytorch mode uses the reference solver, so the largest of them.
+fn eigen_bytes<T: kfac_kernels::Real>(n: usize, config: &Config) -> usize {
+    [Par::Seq, Par::rayon(2), Par::rayon(config.threads)]
+        .into_iter()
+        .map(|p| {
+            eigen::sym_eigen_scratch::<T>(n, p)
+                .or(eigen::sym_eigen_reference_scratch::<T>(n, p))
+                .size_bytes()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Bytes a layer's state will hold once it has been inverted: factors,

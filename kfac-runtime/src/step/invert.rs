@@ -260,14 +260,7 @@ fn eig(
             let what = format!("layer '{name}': eigenvectors");
             let mut q = mem::zeros::<f32>(n, n, &what)?;
             let mut l = mem::filled(n, 0.0f32, &what)?;
-            let (solve, need): (EigFn<f32>, _) = if reference {
-                (
-                    eigen::sym_eigen_reference,
-                    eigen::sym_eigen_reference_scratch::<f32>(n, par),
-                )
-            } else {
-                (eigen::sym_eigen, eigen::sym_eigen_scratch::<f32>(n, par))
-            };
+            let (solve, need) = solver::<f32>(reference, n, par);
             scratch.with(need, |stack| {
                 solve(m.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
             })?;
@@ -278,14 +271,7 @@ fn eig(
             let w = mem::from_fn::<f64>(n, n, &what, |i, j| m[(i, j)] as f64)?;
             let mut q = mem::zeros::<f64>(n, n, &what)?;
             let mut l = mem::filled(n, 0.0f64, &what)?;
-            let (solve, need): (EigFn<f64>, _) = if reference {
-                (
-                    eigen::sym_eigen_reference,
-                    eigen::sym_eigen_reference_scratch::<f64>(n, par),
-                )
-            } else {
-                (eigen::sym_eigen, eigen::sym_eigen_scratch::<f64>(n, par))
-            };
+            let (solve, need) = solver::<f64>(reference, n, par);
             scratch.with(need, |stack| {
                 solve(w.as_ref(), &mut l, q.as_mut(), par, stack).map_err(kerr(name))
             })?;
@@ -307,6 +293,22 @@ type EigFn<T> = fn(
     Par,
     &mut faer::dyn_stack::MemStack,
 ) -> kfac_kernels::Result<()>;
+
+/// The eigensolver of [`eig`] and its scratch for an `n x n` factor.
+fn solver<T: kfac_kernels::Real>(
+    reference: bool,
+    n: usize,
+    par: Par,
+) -> (EigFn<T>, faer::dyn_stack::StackReq) {
+    if reference {
+        (
+            eigen::sym_eigen_reference,
+            eigen::sym_eigen_reference_scratch::<T>(n, par),
+        )
+    } else {
+        (eigen::sym_eigen, eigen::sym_eigen_scratch::<T>(n, par))
+    }
+}
 
 /// Which tasks of a queue in LPT order (costs given) run with all
 /// `threads`: those costing more than a thread's share of the work left
