@@ -358,6 +358,10 @@ typedef struct {
   // (`KfacConfig.refresh_tolerance`). Appended after the first layout: a
   // caller whose header predates it does not get it.
   uint64_t decompositions_kept;
+  // Factors of this rank whose previous eigenbasis was refined by one
+  // step at this step's inversion instead of being decomposed again
+  // (`KfacConfig.refresh_tolerance`). Appended after the second layout.
+  uint64_t decompositions_refined;
 } KfacStepStats;
 
 #ifdef __cplusplus

@@ -213,21 +213,35 @@ pub struct Config {
     /// Eigen or inverse method. Default eigen.
     pub method: Method,
     /// Refresh only what drifted (eigen method, native conventions): at an
-    /// inverse update, a factor `F` whose previous eigenbasis `Q` this
-    /// rank holds is tested first
-    /// ([`eigenbasis_drift`](kfac_kernels::eigen::eigenbasis_drift), two
-    /// products): if `||offdiag(Q^T F Q)||_F λmax(partner) / damping` is at
-    /// most this tolerance, `Q` is kept with the eigenvalues `diag(Q^T F Q)`
-    /// instead of decomposing `F` again. Keeping `Q` changes each
-    /// factor's damped Kronecker inverse by at most the tolerance
-    /// (relative), so the preconditioned gradient stays within about twice
-    /// the tolerance of the full decomposition's. `λmax(partner)` is the
-    /// partner factor's largest eigenvalue at its last decomposition.
-    /// `0` (the default) decomposes every factor every time; must be
-    /// finite and `>= 0`. Ignored in kfac-pytorch mode. With a
-    /// gradient-worker fraction below one, an owner that does not hold the
-    /// old basis decomposes in full, so results then depend on the
-    /// fraction.
+    /// inverse update, a factor `F` whose previous decomposition
+    /// `(Q, l)` this rank holds is refreshed instead of decomposed again
+    /// when the refreshed decomposition's error `‖F - Q' diag(l') Q'^T‖`
+    /// is at most `tolerance * damping / λmax(partner)`, by the first of:
+    ///
+    /// 1. **reuse** `(Q, l)` as they are, if twice a randomized estimate
+    ///    of `‖F - Q diag(l) Q^T‖_F` is within it
+    ///    ([`eigenbasis_change_estimate`](kfac_kernels::eigen::eigenbasis_change_estimate),
+    ///    32 probes, `O(n^2)`; certain up to a probability below `1e-5`);
+    /// 2. **keep** `Q` with the eigenvalues `diag(Q^T F Q)` if the drift
+    ///    `‖offdiag(Q^T F Q)‖_F` is within it (`3 n^3` flops);
+    /// 3. **refine** `Q` by one step if that step's error bound is within
+    ///    it (`3 n^3` more;
+    ///    [`refresh_eigenbasis`](kfac_kernels::eigen::refresh_eigenbasis));
+    ///
+    /// and decomposed in full otherwise (after spending the tests: about
+    /// 0.4x of a decomposition at order 4096, less below). An error `E`
+    /// of a factor changes its damped Kronecker inverse by at most
+    /// `‖E‖ λmax(partner) / damping` relative, so the preconditioned
+    /// gradient stays within about twice the tolerance of the full
+    /// decomposition's. `λmax(partner)` is the partner factor's largest
+    /// eigenvalue at its last decomposition. `0` (the default) decomposes
+    /// every factor every time; must be finite and `>= 0`. Ignored in
+    /// kfac-pytorch mode. With a gradient-worker fraction below one, an
+    /// owner that does not hold the old basis decomposes in full, so
+    /// results then depend on the fraction. Counted in
+    /// [`StepStats::decompositions_kept`](crate::StepStats::decompositions_kept)
+    /// (reuse, keep) and
+    /// [`StepStats::decompositions_refined`](crate::StepStats::decompositions_refined).
     pub refresh_tolerance: f64,
     /// Precision of the eigendecompositions. Default [`Precision::Auto`]
     /// (f32 where its error bound allows).

@@ -51,8 +51,13 @@ pub struct StepStats {
     pub bytes_received: u64,
     /// Bytes of state held after the step.
     pub state_bytes: usize,
-    /// Factors of this rank whose old eigenbasis was kept at this step's
-    /// inversion instead of decomposing them again
+    /// Factors of this rank whose old eigenbasis was kept (as it was, or
+    /// with new eigenvalue estimates) at this step's inversion instead of
+    /// decomposing them again
     /// ([`Config::refresh_tolerance`](crate::Config::refresh_tolerance)).
     pub decompositions_kept: usize,
+    /// Factors of this rank whose old eigenbasis was refined by one step
+    /// at this step's inversion instead of decomposing them again
+    /// ([`Config::refresh_tolerance`](crate::Config::refresh_tolerance)).
+    pub decompositions_refined: usize,
 }

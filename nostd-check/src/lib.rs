@@ -152,6 +152,8 @@ fn run<T: Real>() -> Result<(), kfac_kernels::Error> {
             .or(kron::kron_apply_scratch::<T>(dout, da, par))
             .or(kron::kron_damped_solve_scratch::<T>(dout, da, par))
             .or(eigen::eigenbasis_drift_scratch::<T>(da, par))
+            .or(eigen::refresh_eigenbasis_scratch::<T>(da, par))
+            .or(eigen::eigenbasis_change_estimate_scratch::<T>(da, 4))
             .or(eigen::largest_eigenvalue_estimate_scratch(da)),
     );
     let st = MemStack::new(&mut ebuf);
@@ -161,6 +163,9 @@ fn run<T: Real>() -> Result<(), kfac_kernels::Error> {
     // `a` is full (mirrored above).
     let mut l2 = vec![T::ZERO; da];
     let _ = eigen::eigenbasis_drift(a.as_ref(), qa.as_ref(), &mut l2, par, st)?;
+    let _ = eigen::eigenbasis_change_estimate(a.as_ref(), qa.as_ref(), &la, 4, 1, par, st)?;
+    let mut q2 = qa.clone();
+    let _ = eigen::refresh_eigenbasis(a.as_ref(), q2.as_mut(), &mut l2, 0.0, par, st)?;
     let mut grad = Mat::<T>::from_fn(dout, da, |i, j| T::from_usize(i + j));
     let damping = T::from_f64(0.01);
     eigen::precondition_eigen(

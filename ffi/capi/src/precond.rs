@@ -81,20 +81,30 @@ pub struct KfacStepStats {
     /// (`KfacConfig.refresh_tolerance`). Appended after the first layout: a
     /// caller whose header predates it does not get it.
     pub decompositions_kept: u64,
+    /// Factors of this rank whose previous eigenbasis was refined by one
+    /// step at this step's inversion instead of being decomposed again
+    /// (`KfacConfig.refresh_tolerance`). Appended after the second layout.
+    pub decompositions_refined: u64,
 }
 
 /// The size of `KfacStepStats` before `decompositions_kept` (a released
 /// `struct_size`).
 const STEP_STATS_V1: usize = 8 + 8 + 2 * 4 + 6 * 8 + 8 + 4 * 8;
+/// The size before `decompositions_refined` (a released `struct_size`).
+const STEP_STATS_V2: usize = STEP_STATS_V1 + 8;
 
 const _: () = assert!(std::mem::offset_of!(KfacStepStats, struct_size) == 0);
-const _: () = assert!(std::mem::size_of::<KfacStepStats>() == STEP_STATS_V1 + 8);
+const _: () = assert!(std::mem::size_of::<KfacStepStats>() == STEP_STATS_V2 + 8);
 
 // SAFETY: repr(C), `struct_size: usize` first, integers and floats only
 // (any bits valid), no padding.
 unsafe impl crate::extensible::Extensible for KfacStepStats {
     const NAME: &'static str = "KfacStepStats";
-    const SIZES: &'static [usize] = &[STEP_STATS_V1, std::mem::size_of::<KfacStepStats>()];
+    const SIZES: &'static [usize] = &[
+        STEP_STATS_V1,
+        STEP_STATS_V2,
+        std::mem::size_of::<KfacStepStats>(),
+    ];
     fn defaults() -> Self {
         KfacStepStats::default()
     }
@@ -628,6 +638,7 @@ fn to_stats(s: &StepStats) -> KfacStepStats {
         bytes_sent: s.bytes_sent,
         bytes_received: s.bytes_received,
         decompositions_kept: s.decompositions_kept as u64,
+        decompositions_refined: s.decompositions_refined as u64,
     }
 }
 

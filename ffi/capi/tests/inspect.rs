@@ -367,8 +367,9 @@ fn grad_scale_and_stats_size_through_c() {
 /// the same batch at every step (so its factors stop drifting) keeps its
 /// eigenbases from the second inversion on, `KfacStepStats.
 /// decompositions_kept` says so, and every preconditioned gradient equals
-/// the Rust API's with the same tolerance bitwise; a stats struct of the
-/// first layout is written without the new field.
+/// the Rust API's with the same tolerance bitwise (and so does
+/// `decompositions_refined`); stats structs of the first and second
+/// layouts are written without the fields added after them.
 #[test]
 fn refresh_tolerance_through_c_equals_the_rust_api() {
     let mut cfg = std::mem::MaybeUninit::<KfacConfig>::zeroed();
@@ -427,16 +428,18 @@ fn refresh_tolerance_through_c_equals_the_rust_api() {
             ldw: IN,
             bias: b.as_mut_ptr(),
         }];
-        // The last step passes the first layout's size: the field past it
-        // stays as it was.
-        let v1 = size_of::<KfacStepStats>() - 8;
+        // Step 2 passes the second layout's size, step 3 the first's: the
+        // fields past them stay as they were.
+        let v2 = size_of::<KfacStepStats>() - 8;
+        let v1 = v2 - 8;
         let mut st = KfacStepStats {
-            struct_size: if step == 3 {
-                v1
-            } else {
-                size_of::<KfacStepStats>()
+            struct_size: match step {
+                3 => v1,
+                2 => v2,
+                _ => size_of::<KfacStepStats>(),
             },
             decompositions_kept: 77,
+            decompositions_refined: 78,
             ..Default::default()
         };
         // SAFETY: live handle, buffers of the layer's shape, `struct_size`
@@ -448,10 +451,20 @@ fn refresh_tolerance_through_c_equals_the_rust_api() {
             ])
             .unwrap();
         assert_eq!((&w, &b), (&w2, &b2), "step {step}");
-        if step == 3 {
-            assert_eq!((st.struct_size, st.decompositions_kept), (v1, 77));
-        } else {
-            assert_eq!(st.decompositions_kept, rs.decompositions_kept as u64);
+        let (kept_c, refined_c) = (st.decompositions_kept, st.decompositions_refined);
+        match step {
+            3 => assert_eq!((st.struct_size, kept_c, refined_c), (v1, 77, 78)),
+            2 => assert_eq!(
+                (st.struct_size, kept_c, refined_c),
+                (v2, rs.decompositions_kept as u64, 78)
+            ),
+            _ => assert_eq!(
+                (kept_c, refined_c),
+                (
+                    rs.decompositions_kept as u64,
+                    rs.decompositions_refined as u64
+                )
+            ),
         }
         kept.push(rs.decompositions_kept);
     }

@@ -26,8 +26,13 @@
 //! assert!((grad[(0, 1)] - 2.0 / 7.0).abs() < 1e-14);
 //! ```
 
+mod refresh;
 mod solve;
 
+pub use refresh::{
+    eigenbasis_change_estimate, eigenbasis_change_estimate_scratch, eigenbasis_drift,
+    eigenbasis_drift_scratch, refresh_eigenbasis, refresh_eigenbasis_scratch, Refresh, RefreshKind,
+};
 pub use solve::{
     sym_eigen, sym_eigen_blocked, sym_eigen_blocked_scratch, sym_eigen_reference,
     sym_eigen_reference_scratch, sym_eigen_scratch, BLOCKED_EIGEN_MIN_DIM,
@@ -40,88 +45,6 @@ use faer::linalg::{temp_mat_scratch, temp_mat_zeroed};
 use faer::mat::AsMatMut;
 use faer::prelude::{Reborrow, ReborrowMut};
 use faer::{Accum, MatMut, MatRef, Par};
-
-/// Scratch needed by [`eigenbasis_drift`] for a `dim x dim` factor.
-pub fn eigenbasis_drift_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
-    let _ = par;
-    StackReq::all_of(&[
-        temp_mat_scratch::<T>(dim, dim),
-        temp_mat_scratch::<T>(dim, dim),
-    ])
-}
-
-/// How far a factor `F` has drifted from an old eigenbasis `Q`: computes
-/// `B = Q^T F Q` (two products, `4 n^3` flops at GEMM rate, against an
-/// eigendecomposition's several times that), writes its diagonal, clamped
-/// at zero, to `eigenvalues` (the eigenvalue estimates that keep `Q`), and
-/// returns `||B - diag(B)||_F` (accumulated in f64).
-///
-/// Keeping `Q` with those estimates replaces `F` by
-/// `Q diag(B) Q^T = F - Q (B - diag(B)) Q^T` (for an orthogonal `Q`): a
-/// symmetric perturbation of 2-norm at most the returned value, so every
-/// eigenvalue moves by at most that much (Weyl) and a damped inverse
-/// `(F + damping I)^{-1}` changes by at most `drift / damping` relative to
-/// its own size. `F` is read in full (both triangles; it is symmetric).
-///
-/// ```
-/// use faer::{Mat, Par, dyn_stack::{MemBuffer, MemStack}};
-/// use kfac_kernels::eigen::*;
-/// // F = diag(3, 1) in the basis Q = I: no drift, eigenvalues (3, 1).
-/// let f = Mat::<f64>::from_fn(2, 2, |i, j| if i == j { [3.0, 1.0][i] } else { 0.0 });
-/// let q = Mat::<f64>::identity(2, 2);
-/// let mut l = vec![0.0; 2];
-/// let mut buf = MemBuffer::new(eigenbasis_drift_scratch::<f64>(2, Par::Seq));
-/// let d = eigenbasis_drift(f.as_ref(), q.as_ref(), &mut l, Par::Seq, MemStack::new(&mut buf)).unwrap();
-/// assert_eq!((d, l), (0.0, vec![3.0, 1.0]));
-/// ```
-///
-/// # Errors
-/// [`Error::DimensionMismatch`] / [`Error::LengthMismatch`] for shapes,
-/// [`Error::NonFinite`] for a NaN/Inf in `F` or `Q`,
-/// [`Error::ScratchTooSmall`]. `eigenvalues` is untouched on error.
-pub fn eigenbasis_drift<T: Real>(
-    f: MatRef<'_, T>,
-    q: MatRef<'_, T>,
-    eigenvalues: &mut [T],
-    par: Par,
-    stack: &mut MemStack,
-) -> Result<f64> {
-    let n = check::square("factor", f)?;
-    check::shape("old eigenbasis", q, n, n)?;
-    check::len("eigenvalues", eigenvalues.len(), n)?;
-    check::finite("factor", f)?;
-    check::finite("old eigenbasis", q)?;
-    check::stack(stack, eigenbasis_drift_scratch::<T>(n, par))?;
-    if n == 0 {
-        return Ok(0.0);
-    }
-    let (mut fq, stack) = temp_mat_zeroed::<T, _, _>(n, n, stack);
-    let mut fq = fq.as_mat_mut();
-    let (mut b, _) = temp_mat_zeroed::<T, _, _>(n, n, stack);
-    let mut b = b.as_mat_mut();
-    matmul(fq.rb_mut(), Accum::Replace, f, q, T::ONE, par);
-    matmul(
-        b.rb_mut(),
-        Accum::Replace,
-        q.transpose(),
-        fq.rb(),
-        T::ONE,
-        par,
-    );
-    let mut off = 0.0f64;
-    for j in 0..n {
-        for i in 0..n {
-            if i != j {
-                let v = b[(i, j)].to_f64();
-                off += v * v;
-            }
-        }
-    }
-    for (i, l) in eigenvalues.iter_mut().enumerate() {
-        *l = b[(i, i)].max_val(T::ZERO);
-    }
-    Ok(off.sqrt_val())
-}
 
 /// Scratch needed by [`largest_eigenvalue_estimate`] for a `dim x dim`
 /// matrix.

@@ -28,20 +28,30 @@ fn kerr(layer: &str) -> impl FnOnce(kfac_kernels::Error) -> Error + '_ {
     Error::kernel(layer)
 }
 
+/// How many of this rank's factors refreshed their old eigenbasis at an
+/// inversion instead of decomposing again.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Refreshes {
+    /// Kept (with or without new eigenvalue estimates).
+    pub kept: usize,
+    /// Refined.
+    pub refined: usize,
+}
+
 /// New inverse caches per layer (`None`: excluded, not a member of the
 /// layer's group, or no inversion due), and how many of this rank's
-/// factors kept their old eigenbasis.
+/// factors refreshed their old eigenbasis.
 pub(crate) fn run(
     ctx: &Ctx<'_>,
     plan: &Plan,
     roles: &Roles,
     new_factors: &NewFactors,
     ex: &mut Exchange<'_>,
-) -> Result<(Vec<Option<InverseCache>>, usize)> {
+) -> Result<(Vec<Option<InverseCache>>, Refreshes)> {
     let layers = ctx.layers;
     let nl = layers.len();
     if !plan.inv_due {
-        return Ok(((0..nl).map(|_| None).collect(), 0));
+        return Ok(((0..nl).map(|_| None).collect(), Refreshes::default()));
     }
     let cfg = ctx.cfg;
     let factor_of = |t: usize| -> &Factor {
@@ -55,8 +65,10 @@ pub(crate) fn run(
     };
     let eig = cfg.method == Method::Eigen;
     let ex_world = ex.world();
-    // Factors whose old eigenbasis was kept (`Config::refresh_tolerance`).
+    // Factors whose old eigenbasis was kept (with or without new
+    // eigenvalue estimates) or refined (`Config::refresh_tolerance`).
     let kept = AtomicUsize::new(0);
+    let refined = AtomicUsize::new(0);
 
     // Local: the factors this rank owns.
     let local = (|| {
@@ -125,7 +137,7 @@ pub(crate) fn run(
                         };
                         let th = if wide(k) { threads } else { 1 };
                         let name = &layers[li].name;
-                        let r = match keep_basis(
+                        let r = match refresh_basis(
                             &layers[li],
                             t,
                             factor_of(t),
@@ -134,8 +146,12 @@ pub(crate) fn run(
                             th,
                             scratch,
                         ) {
-                            Ok(Some(r)) => {
-                                kept.fetch_add(1, Ordering::Relaxed);
+                            Ok(Some((r, how))) => {
+                                let counter = match how {
+                                    Refreshed::Refined => &refined,
+                                    Refreshed::Reused | Refreshed::Kept => &kept,
+                                };
+                                counter.fetch_add(1, Ordering::Relaxed);
                                 Ok(r)
                             }
                             Ok(None) => invert_one(
@@ -239,7 +255,15 @@ pub(crate) fn run(
             })
             .collect()
     });
-    ex.settle(local).map(|v| (v, kept.into_inner()))
+    ex.settle(local).map(|v| {
+        (
+            v,
+            Refreshes {
+                kept: kept.into_inner(),
+                refined: refined.into_inner(),
+            },
+        )
+    })
 }
 
 /// Eigendecomposition of a dense factor in the configured precision; in
@@ -417,11 +441,29 @@ fn inverse_shifts(
     }
 }
 
-/// The old eigenbasis of factor task `t` (of layer `l`) with updated
-/// eigenvalue estimates, when `Config::refresh_tolerance` allows keeping it
-/// for the new factor `f` (see there); `None` when it does not, or when
-/// there is no old basis on this rank.
-fn keep_basis(
+/// How a factor's eigendecomposition was refreshed without decomposing it
+/// again (`Config::refresh_tolerance`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refreshed {
+    /// The old basis and eigenvalues, as they were.
+    Reused,
+    /// The old basis with new eigenvalue estimates.
+    Kept,
+    /// The old basis refined by one step, with new eigenvalue estimates.
+    Refined,
+}
+
+/// Probe vectors of the reuse test (see
+/// [`eigen::eigenbasis_change_estimate`]: with 32, twice the estimate is
+/// below the true change with probability below `1e-5`).
+const REUSE_PROBES: usize = 32;
+
+/// The old eigendecomposition of factor task `t` (of layer `l`) refreshed
+/// for the new factor `f` when `Config::refresh_tolerance` allows (see
+/// there), from the cheapest test on: reused as it is, kept with new
+/// eigenvalue estimates, or refined by one step; `None` when none is within
+/// the tolerance, or when there is no old basis on this rank.
+fn refresh_basis(
     l: &crate::state::LayerState,
     t: usize,
     f: &Factor,
@@ -429,7 +471,7 @@ fn keep_basis(
     damping: f64,
     threads: usize,
     scratch: &Scratch,
-) -> Result<Option<FactorInv>> {
+) -> Result<Option<(FactorInv, Refreshed)>> {
     if cfg.refresh_tolerance == 0.0 || cfg.compat != Compat::Native || cfg.method != Method::Eigen {
         return Ok(None);
     }
@@ -439,32 +481,65 @@ fn keep_basis(
     let Some(InverseCache::Eigen { qa, la, qg, lg, .. }) = &l.inv else {
         return Ok(None);
     };
-    let (q, partner) = if t.is_multiple_of(2) {
-        (qa.as_ref(), lg)
+    let (q, old_l, partner) = if t.is_multiple_of(2) {
+        (qa.as_ref(), la, lg)
     } else {
-        (Some(qg), la)
+        (Some(qg), lg, la)
     };
     let Some(q) = q else {
         return Ok(None);
     };
     let n = m.nrows();
-    if q.nrows() != n {
+    if q.nrows() != n || old_l.len() != n {
         return Ok(None);
     }
     let partner = partner.iter().fold(0.0f64, |a, &v| a.max(v as f64));
-    let what = format!("layer '{}': kept eigenbasis", l.name);
-    let mut est = mem::filled(n, 0.0f32, &what)?;
-    let par = par_for(if n > 512 { threads } else { 1 });
-    let drift = scratch.with(eigen::eigenbasis_drift_scratch::<f32>(n, par), |stack| {
-        eigen::eigenbasis_drift(m.as_ref(), q.as_ref(), &mut est, par, stack).map_err(kerr(&l.name))
-    })?;
-    // NaN (cannot happen for finite inputs) decomposes.
-    let within = drift * partner / damping <= cfg.refresh_tolerance;
-    if !within {
+    // The absolute error `‖F - Q diag(l) Q^T‖` allowed. NaN (cannot
+    // happen for finite inputs) refreshes nothing.
+    let limit = cfg.refresh_tolerance * damping / partner;
+    if limit.is_nan() || limit <= 0.0 {
         return Ok(None);
     }
-    let q = mem::from_fn(n, n, &what, |i, j| q[(i, j)])?;
-    Ok(Some(FactorInv::Eigen { q: Some(q), l: est }))
+    let name = &l.name;
+    let what = format!("layer '{name}': refreshed eigenbasis");
+    let par = par_for(if n > 512 { threads } else { 1 });
+    // Reuse: a randomized estimate, O(n^2); the probe sequence depends on
+    // the factor's index only, so every run and rank decides alike.
+    let req = eigen::eigenbasis_change_estimate_scratch::<f32>(n, REUSE_PROBES);
+    let change = scratch.with(req, |stack| {
+        eigen::eigenbasis_change_estimate(
+            m.as_ref(),
+            q.as_ref(),
+            old_l,
+            REUSE_PROBES,
+            t as u64,
+            par,
+            stack,
+        )
+        .map_err(kerr(name))
+    })?;
+    if 2.0 * change <= limit {
+        let q = mem::from_fn(n, n, &what, |i, j| q[(i, j)])?;
+        let mut l = mem::with_capacity(n, &what)?;
+        l.extend_from_slice(old_l);
+        return Ok(Some((
+            FactorInv::Eigen { q: Some(q), l },
+            Refreshed::Reused,
+        )));
+    }
+    // Keep or refine: exact, 3 n^3 flops, 3 more to refine.
+    let mut q = mem::from_fn(n, n, &what, |i, j| q[(i, j)])?;
+    let mut est = mem::filled(n, 0.0f32, &what)?;
+    let r = scratch.with(eigen::refresh_eigenbasis_scratch::<f32>(n, par), |stack| {
+        eigen::refresh_eigenbasis(m.as_ref(), q.as_mut(), &mut est, limit, par, stack)
+            .map_err(kerr(name))
+    })?;
+    let how = match r.kind {
+        eigen::RefreshKind::Kept => Refreshed::Kept,
+        eigen::RefreshKind::Refined => Refreshed::Refined,
+        _ => return Ok(None),
+    };
+    Ok(Some((FactorInv::Eigen { q: Some(q), l: est }, how)))
 }
 
 /// Decomposes or inverts one factor (`shift` is used by the inverse method).

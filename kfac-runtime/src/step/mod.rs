@@ -133,7 +133,7 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
     // Set when the factor or inversion phase fails (on this rank or, by the
     // phase's status round, on another: every rank sees the same).
     let mut numeric_failure = false;
-    let outcome: Result<(Outcome, [Duration; 3], usize)> = (|| {
+    let outcome: Result<(Outcome, [Duration; 3], invert::Refreshes)> = (|| {
         // The statistics to sum are packed (allocated) before the
         // agreement, so that running out of memory is settled with it.
         let world = ex.world();
@@ -211,7 +211,8 @@ pub(crate) fn run(p: &mut Preconditioner, grads: &mut [LayerGrad<'_>]) -> Result
         bytes_sent: traffic.bytes_sent,
         bytes_received: traffic.bytes_received,
         state_bytes: p.state_bytes(),
-        decompositions_kept: kept,
+        decompositions_kept: kept.kept,
+        decompositions_refined: kept.refined,
     };
     log::debug!(
         "kfac: step {} factors={} inverses={} nu={:.4} times {:?}",
