@@ -309,6 +309,164 @@ fn bench_eigen(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------
+// 2b. Refreshing an old eigenbasis (`Config::refresh_tolerance`) against
+//     decomposing again: the reuse test (randomized, 32 probes), the
+//     keep test (exact drift, 3 d^3 flops), keep test plus one refinement
+//     step (6 d^3), and sym_eigen / LAPACK's ?syevd of the same factor.
+//     The factor is the eigen bench's, its old basis that of a slightly
+//     different factor (a small symmetric perturbation), so the refinement
+//     is taken. Sizes 256..2048, and 4608 with KFAC_BENCH_LARGE=1.
+// ---------------------------------------------------------------------------
+
+fn bench_refresh_t<T: Real + lapack::LapackReal>(c: &mut Criterion, lib: Option<&lapack::Lapack>) {
+    let mut sizes = vec![256usize, 1024, 2048];
+    if std::env::var_os("KFAC_BENCH_LARGE").is_some() {
+        sizes.push(4608);
+    }
+    for d in sizes {
+        let n = d + 64;
+        let x = rand_mat::<T>(n, d, d as u64);
+        let mut old = Mat::<T>::identity(d, d);
+        matmul(
+            old.as_mut(),
+            Accum::Add,
+            x.transpose(),
+            x.as_ref(),
+            T::ONE / T::from_usize(n),
+            Par::rayon(2),
+        );
+        // The new factor: the old one plus a symmetric perturbation of
+        // relative size ~1e-5.
+        let pert = rand_mat::<T>(d, d, 7 + d as u64);
+        let eps = T::from_f64(1e-5 / d as f64);
+        let a = Mat::<T>::from_fn(d, d, |i, j| {
+            old[(i, j)] + eps * (pert[(i, j)] + pert[(j, i)])
+        });
+        let par_all = Par::rayon(2);
+        let mut buf = prefaulted(StackReq::any_of(&[
+            eigen::sym_eigen_scratch::<T>(d, Par::Seq),
+            eigen::sym_eigen_scratch::<T>(d, par_all),
+            eigen::refresh_eigenbasis_scratch::<T>(d, par_all),
+            eigen::eigenbasis_change_estimate_scratch::<T>(d, 32),
+        ]));
+        let mut q0 = Mat::<T>::zeros(d, d);
+        let mut l0 = vec![T::ZERO; d];
+        eigen::sym_eigen(
+            old.as_ref(),
+            &mut l0,
+            q0.as_mut(),
+            Par::Seq,
+            MemStack::new(&mut buf),
+        )
+        .unwrap();
+        let (mut q, mut l) = (q0.clone(), l0.clone());
+        // A limit just below the drift: the keep test fails, and the
+        // refinement must be within it (checked once here).
+        let r = eigen::refresh_eigenbasis(
+            a.as_ref(),
+            q.as_mut(),
+            &mut l,
+            0.0,
+            1.0,
+            Par::Seq,
+            MemStack::new(&mut buf),
+        )
+        .unwrap();
+        let limit = 0.999 * r.drift;
+        q.copy_from(&q0);
+        let r = eigen::refresh_eigenbasis(
+            a.as_ref(),
+            q.as_mut(),
+            &mut l,
+            limit,
+            1.0,
+            Par::Seq,
+            MemStack::new(&mut buf),
+        )
+        .unwrap();
+        assert_eq!(r.kind, eigen::RefreshKind::Refined, "d={d}: {r:?}");
+        let a_cols: Vec<T> = (0..d * d).map(|k| a[(k % d, k / d)]).collect();
+        let mut lap = lib.map(|lib| (lib, lapack::Syevd::<T>::new(lib, d)));
+
+        let mut g = group(c, format!("refresh/{}/d{d}", T::NAME));
+        g.throughput(Throughput::Elements(9 * (d as u64).pow(3)));
+        for (label, par) in pars(true) {
+            g.bench_function(format!("reuse_test/{label}"), |b| {
+                b.iter(|| {
+                    eigen::eigenbasis_change_estimate(
+                        black_box(a.as_ref()),
+                        q0.as_ref(),
+                        &l0,
+                        32,
+                        1,
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("keep_test/{label}"), |b| {
+                b.iter(|| {
+                    q.copy_from(&q0);
+                    eigen::refresh_eigenbasis(
+                        black_box(a.as_ref()),
+                        q.as_mut(),
+                        &mut l,
+                        f64::INFINITY,
+                        1.0,
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("keep_test_and_refine/{label}"), |b| {
+                b.iter(|| {
+                    q.copy_from(&q0);
+                    eigen::refresh_eigenbasis(
+                        black_box(a.as_ref()),
+                        q.as_mut(),
+                        &mut l,
+                        limit,
+                        1.0,
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            g.bench_function(format!("sym_eigen/{label}"), |b| {
+                b.iter(|| {
+                    eigen::sym_eigen(
+                        black_box(a.as_ref()),
+                        &mut l,
+                        q.as_mut(),
+                        par,
+                        MemStack::new(&mut buf),
+                    )
+                    .unwrap()
+                })
+            });
+            if let Some((lib, w)) = lap.as_mut() {
+                let threads = if label == "1t" { 1 } else { 2 };
+                if lib.set_threads(threads) || threads == 1 {
+                    g.bench_function(format!("lapack_syevd/{label}"), |b| {
+                        b.iter(|| w.run(lib, black_box(&a_cols)))
+                    });
+                }
+                lib.set_threads(1);
+            }
+        }
+        g.finish();
+    }
+}
+
+fn bench_refresh(c: &mut Criterion) {
+    let lib = lapack::Lapack::load();
+    bench_refresh_t::<f32>(c, lib.as_ref());
+}
+
+// ---------------------------------------------------------------------------
 // 3. Preconditioning against plain faer matmuls of the same shapes.
 // ---------------------------------------------------------------------------
 
@@ -546,6 +704,7 @@ criterion_group!(
     benches,
     bench_factor,
     bench_eigen,
+    bench_refresh,
     bench_precondition,
     bench_conv
 );

@@ -10,7 +10,8 @@ use common::*;
 use faer::dyn_stack::MemStack;
 use kfac_kernels::eigen::{
     eigenbasis_change_estimate, eigenbasis_change_estimate_scratch, eigenbasis_drift,
-    eigenbasis_drift_scratch, refresh_eigenbasis, refresh_eigenbasis_scratch, RefreshKind,
+    eigenbasis_drift_sample, eigenbasis_drift_sample_scratch, eigenbasis_drift_scratch,
+    refresh_eigenbasis, refresh_eigenbasis_scratch, RefreshKind,
 };
 use kfac_kernels::Error;
 use proptest::prelude::*;
@@ -21,6 +22,9 @@ fn fail(e: Error) -> TestCaseError {
 }
 
 const SENTINEL: f64 = -77.625;
+
+/// The loss of orthogonality a refinement may add in the property test.
+const ORTH_LIMIT: f64 = 1e-2;
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -122,6 +126,7 @@ fn check_refresh<T: Flt>(case: &Case) -> Result<(), TestCaseError> {
         qs.view_mut(),
         &mut l,
         limit,
+        ORTH_LIMIT,
         par,
         MemStack::new(&mut buf),
     )
@@ -160,17 +165,18 @@ fn check_refresh<T: Flt>(case: &Case) -> Result<(), TestCaseError> {
             let err = error_of(&f, &q2, &l2);
             check_le("refined error vs bound", err, r.bound + floor2)?;
             check_le("refined error vs old drift", err, r.drift + floor2)?;
+            prop_assert!(r.orthogonality <= ORTH_LIMIT, "{r:?}");
             let orth = matmul(&q2.t(), &q2).sub(&M::identity(d)).frob();
             check_le(
                 "refined orthogonality",
                 orth,
-                r.bound / (2.0 * f.frob()).max(1e-300) + 8.0 * (d + 2) as f64 * eps,
+                r.orthogonality + 8.0 * (d + 2) as f64 * eps,
             )?;
         }
         RefreshKind::Stale => {
             prop_assert!(
-                r.bound.is_nan() || r.bound > limit,
-                "stale within the limit: {r:?}"
+                r.bound.is_nan() || r.bound > limit || r.orthogonality > ORTH_LIMIT,
+                "stale within the limits: {r:?}"
             );
             check_untouched("stale basis", &before, &qs, |_, _| true)?;
             prop_assert!(l.iter().all(|v| v.to_f64().is_nan()));
@@ -210,6 +216,7 @@ fn refinement_converges_quadratically() {
             qm.as_mut(),
             &mut l,
             0.5 * t * f.frob(),
+            1.0,
             faer::Par::Seq,
             MemStack::new(&mut buf),
         )
@@ -326,19 +333,39 @@ fn refresh_kernels_reject_bad_input_and_leave_outputs_untouched() {
         refresh_eigenbasis_scratch::<f32>(d, faer::Par::Seq)
             .or(eigenbasis_change_estimate_scratch::<f32>(d, 32)),
     );
+    let run_with =
+        |f: faer::MatRef<'_, f32>, limit: f64, orth: f64, buf: &mut faer::dyn_stack::MemBuffer| {
+            let mut q = q0.clone();
+            let mut l = vec![f32::NAN; d];
+            let r = refresh_eigenbasis(
+                f,
+                q.as_mut(),
+                &mut l,
+                limit,
+                orth,
+                faer::Par::Seq,
+                MemStack::new(buf),
+            );
+            (r, q, l)
+        };
     let run = |f: faer::MatRef<'_, f32>, limit: f64, buf: &mut faer::dyn_stack::MemBuffer| {
-        let mut q = q0.clone();
-        let mut l = vec![f32::NAN; d];
-        let r = refresh_eigenbasis(
-            f,
-            q.as_mut(),
-            &mut l,
-            limit,
-            faer::Par::Seq,
-            MemStack::new(buf),
-        );
-        (r, q, l)
+        run_with(f, limit, 1.0, buf)
     };
+    for orth in [-1.0, f64::NAN] {
+        let (r, q, l) = run_with(f.as_ref(), 1.0, orth, &mut buf);
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidParameter {
+                    what: "orthogonality_limit",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(q, q0);
+        assert!(l.iter().all(|v| v.is_nan()));
+    }
     for limit in [-1.0, f64::NAN] {
         let (r, q, l) = run(f.as_ref(), limit, &mut buf);
         assert!(
@@ -391,4 +418,130 @@ fn refresh_kernels_reject_bad_input_and_leave_outputs_untouched() {
         Err(Error::LengthMismatch { .. })
     ));
     assert!(est(&l, 32, &mut buf).unwrap().is_finite());
+}
+
+#[derive(Clone, Debug)]
+struct LowerCase {
+    d: usize,
+    src: FactorSrc,
+    log_delta: f64,
+    /// Columns: a random subset of this many (capped at `d`).
+    k: usize,
+    rayon: bool,
+    seed: u64,
+}
+
+fn lower_case() -> impl Strategy<Value = LowerCase> {
+    (
+        0usize..=40,
+        factor_src(),
+        -8.0..=-0.5f64,
+        0usize..=12,
+        par(),
+        any::<u64>(),
+    )
+        .prop_map(|(d, src, log_delta, k, rayon, seed)| LowerCase {
+            d,
+            src,
+            log_delta,
+            k,
+            rayon,
+            seed,
+        })
+}
+
+/// `eigenbasis_drift_sample`: its drift is the off-diagonal mass of the
+/// chosen columns of `Q^T F Q` (f64 reference, within two products'
+/// rounding), so at most the drift, and with every column the drift
+/// itself; its coupled part is at most that, and the refinement bound on
+/// the sample at least the coupled part.
+fn check_lower<T: Flt>(case: &LowerCase) -> Result<(), TestCaseError> {
+    let d = case.d;
+    let eps = T::eps();
+    let mut rg = Gen::new(case.seed);
+    let rotate = rg.unit() < 0.5;
+    let (f, q) = drifted::<T>(&mut rg, d, case.src, case.log_delta, rotate);
+    let b = matmul(&q.t(), &matmul(&f, &q));
+    let drift = M::from_fn(d, d, |i, j| if i == j { 0.0 } else { b[(i, j)] }).frob();
+    // A random subset of distinct columns (all of them when k >= d).
+    let mut cols: Vec<usize> = (0..d).collect();
+    for i in (1..d).rev() {
+        cols.swap(i, rg.below(i + 1));
+    }
+    cols.truncate(case.k.min(d));
+    let want = cols
+        .iter()
+        .map(|&c| {
+            (0..d)
+                .filter(|&i| i != c)
+                .map(|i| b[(i, c)].powi(2))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        .sqrt();
+    let fs = Stored::<T>::from_m(&f, Layout::ColMajor, T::ZERO);
+    let qs = Stored::<T>::from_m(&q, Layout::RowMajor, T::ZERO);
+    let par = par_of(case.rayon);
+    let mut buf = buffer(eigenbasis_drift_sample_scratch::<T>(d, cols.len()));
+    let est: Vec<T> = (0..d).map(|i| T::from_f64(b[(i, i)])).collect();
+    let sample = eigenbasis_drift_sample(
+        fs.view(),
+        qs.view(),
+        &est,
+        &cols,
+        par,
+        MemStack::new(&mut buf),
+    )
+    .map_err(fail)?;
+    let got = sample.drift;
+    let floor = 4.0 * (d + 2) as f64 * eps * f.frob();
+    check_le(
+        "lower bound vs its columns' mass",
+        (got - want).abs(),
+        floor,
+    )?;
+    check_le("lower bound vs drift", got, drift + floor)?;
+    if cols.len() == d {
+        check_le("all columns: the drift", (got - drift).abs(), floor)?;
+    }
+    prop_assert!(sample.coupled <= sample.drift, "{sample:?}");
+    prop_assert!(sample.refine_bound >= sample.coupled, "{sample:?}");
+    Ok(())
+}
+
+both_types!(
+    drift_sample_is_the_mass_of_its_columns,
+    lower_case(),
+    check_lower
+);
+
+#[test]
+fn drift_sample_rejects_bad_columns() {
+    let f = faer::Mat::<f32>::identity(3, 3);
+    let mut buf = buffer(eigenbasis_drift_sample_scratch::<f32>(3, 2));
+    let l = [1.0f32; 3];
+    let run = |cols: &[usize], buf: &mut faer::dyn_stack::MemBuffer| {
+        eigenbasis_drift_sample(
+            f.as_ref(),
+            f.as_ref(),
+            &l,
+            cols,
+            faer::Par::Seq,
+            MemStack::new(buf),
+        )
+    };
+    assert!(matches!(
+        run(&[0, 3], &mut buf),
+        Err(Error::IndexOutOfRange {
+            index: 3,
+            len: 3,
+            ..
+        })
+    ));
+    assert!(matches!(
+        run(&[1, 1], &mut buf),
+        Err(Error::InvalidParameter { .. })
+    ));
+    assert_eq!(run(&[2, 0], &mut buf).unwrap().drift, 0.0);
+    assert_eq!(run(&[], &mut buf).unwrap().drift, 0.0);
 }

@@ -225,7 +225,8 @@ pub struct Config {
     /// 2. **keep** `Q` with the eigenvalues `diag(Q^T F Q)` if the drift
     ///    `‖offdiag(Q^T F Q)‖_F` is within it (`3 n^3` flops);
     /// 3. **refine** `Q` by one step if that step's error bound is within
-    ///    it (`3 n^3` more;
+    ///    it and the refined basis loses at most `tolerance` of its
+    ///    orthogonality (`3 n^3` more;
     ///    [`refresh_eigenbasis`](kfac_kernels::eigen::refresh_eigenbasis));
     ///
     /// and decomposed in full otherwise (after spending the tests: about

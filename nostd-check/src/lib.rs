@@ -165,7 +165,7 @@ fn run<T: Real>() -> Result<(), kfac_kernels::Error> {
     let _ = eigen::eigenbasis_drift(a.as_ref(), qa.as_ref(), &mut l2, par, st)?;
     let _ = eigen::eigenbasis_change_estimate(a.as_ref(), qa.as_ref(), &la, 4, 1, par, st)?;
     let mut q2 = qa.clone();
-    let _ = eigen::refresh_eigenbasis(a.as_ref(), q2.as_mut(), &mut l2, 0.0, par, st)?;
+    let _ = eigen::refresh_eigenbasis(a.as_ref(), q2.as_mut(), &mut l2, 0.0, 0.0, par, st)?;
     let mut grad = Mat::<T>::from_fn(dout, da, |i, j| T::from_usize(i + j));
     let damping = T::from_f64(0.01);
     eigen::precondition_eigen(

@@ -26,12 +26,17 @@
 //! assert!((grad[(0, 1)] - 2.0 / 7.0).abs() < 1e-14);
 //! ```
 
+mod probe;
 mod refresh;
 mod solve;
 
+pub use probe::{
+    eigenbasis_change_estimate, eigenbasis_change_estimate_scratch, eigenbasis_drift_sample,
+    eigenbasis_drift_sample_scratch, DriftSample,
+};
 pub use refresh::{
-    eigenbasis_change_estimate, eigenbasis_change_estimate_scratch, eigenbasis_drift,
-    eigenbasis_drift_scratch, refresh_eigenbasis, refresh_eigenbasis_scratch, Refresh, RefreshKind,
+    eigenbasis_drift, eigenbasis_drift_scratch, refresh_eigenbasis, refresh_eigenbasis_scratch,
+    Refresh, RefreshKind,
 };
 pub use solve::{
     sym_eigen, sym_eigen_blocked, sym_eigen_blocked_scratch, sym_eigen_reference,

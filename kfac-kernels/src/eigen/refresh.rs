@@ -1,10 +1,12 @@
 //! Refreshing an old eigenbasis `Q` of a factor `F` instead of decomposing
 //! `F` again (the runtime's `Config::refresh_tolerance`), from the cheapest
-//! test to the dearest repair. Re-exported from [`super`].
+//! test to the dearest repair (the `O(n^2)` ones in [`super::probe`]).
+//! Re-exported from [`super`](crate::eigen).
 //!
 //! | | work | what it gives |
 //! |---|---|---|
 //! | [`eigenbasis_change_estimate`] | `6 k n^2` (`k` probes) | an estimate of `‖F - Q diag(l) Q^T‖_F`: is the old decomposition still good as it is? |
+//! | [`eigenbasis_drift_sample`] | `4 k n^2` (`k` columns) | lower bounds of the drift below and of what a refinement leaves: can neither serve? |
 //! | [`eigenbasis_drift`] | `3 n^3` (one product, one half product) | `‖offdiag(Q^T F Q)‖_F` and new eigenvalue estimates `diag(Q^T F Q)` for the old basis |
 //! | [`refresh_eigenbasis`] | `3 n^3`, plus `3 n^3` to refine | the drift test; if it fails, one step of Ogita–Aishima refinement of `Q` when its a-priori error bound allows |
 //!
@@ -19,135 +21,6 @@ use faer::linalg::{temp_mat_scratch, temp_mat_zeroed};
 use faer::mat::AsMatMut;
 use faer::prelude::{Reborrow, ReborrowMut};
 use faer::{Accum, MatMut, MatRef, Par};
-
-/// Scratch needed by [`eigenbasis_change_estimate`] for a `dim x dim`
-/// factor and `probes` probe vectors.
-pub fn eigenbasis_change_estimate_scratch<T: Real>(dim: usize, probes: usize) -> StackReq {
-    StackReq::all_of(&[
-        temp_mat_scratch::<T>(dim, probes),
-        temp_mat_scratch::<T>(dim, probes),
-        temp_mat_scratch::<T>(dim, probes),
-    ])
-}
-
-/// A randomized estimate of `‖F - Q diag(l) Q^T‖_F`: how far the factor `F`
-/// is from the decomposition `(Q, l)` kept from an earlier inversion.
-///
-/// With `k = probes` random sign vectors `w` (a fixed sequence drawn from
-/// `seed`: the same inputs give the same bits), `M = F - Q diag(l) Q^T`
-/// and `E[‖M w‖^2] = ‖M‖_F^2`; the result is `sqrt(mean ‖M w‖^2)`, in
-/// `6 k n^2` flops at matrix-product rate instead of the `n^3` of any exact
-/// test. Its relative standard deviation as an estimate of `‖M‖_F^2` is
-/// at most `sqrt(2/k)`, worst when `M` has rank one; for a rank-one `M`
-/// and `k = 32` the estimate falls below half of `‖M‖_F` with probability
-/// below `1e-5`, and `‖M‖_F >= ‖M‖_2`, the norm that bounds how far the
-/// eigenvalues of the damped factor moved (Weyl). So `2 * estimate <= x`
-/// certifies `‖M‖_2 <= x` with that probability.
-///
-/// `F` is read in full (both triangles; it is symmetric).
-///
-/// ```
-/// use faer::{Mat, Par, dyn_stack::{MemBuffer, MemStack}};
-/// use kfac_kernels::eigen::*;
-/// // F = diag(3, 1) against the decomposition Q = I, l = (3, 0.5): M = diag(0, 0.5).
-/// let f = Mat::<f64>::from_fn(2, 2, |i, j| if i == j { [3.0, 1.0][i] } else { 0.0 });
-/// let q = Mat::<f64>::identity(2, 2);
-/// let mut buf = MemBuffer::new(eigenbasis_change_estimate_scratch::<f64>(2, 8));
-/// let e = eigenbasis_change_estimate(f.as_ref(), q.as_ref(), &[3.0, 0.5], 8, 1,
-///                                    Par::Seq, MemStack::new(&mut buf)).unwrap();
-/// // Sign probes measure a diagonal M exactly.
-/// assert!((e - 0.5).abs() < 1e-15);
-/// ```
-///
-/// # Errors
-/// [`Error::DimensionMismatch`](crate::Error::DimensionMismatch) /
-/// [`Error::LengthMismatch`](crate::Error::LengthMismatch) for shapes,
-/// [`Error::InvalidParameter`](crate::Error::InvalidParameter) for
-/// `probes == 0`, [`Error::NonFinite`](crate::Error::NonFinite) for a
-/// NaN/Inf in `F`, `Q` or `l`,
-/// [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall).
-#[allow(clippy::too_many_arguments)]
-pub fn eigenbasis_change_estimate<T: Real>(
-    f: MatRef<'_, T>,
-    q: MatRef<'_, T>,
-    eigenvalues: &[T],
-    probes: usize,
-    seed: u64,
-    par: Par,
-    stack: &mut MemStack,
-) -> Result<f64> {
-    let n = check::square("factor", f)?;
-    check::shape("old eigenbasis", q, n, n)?;
-    check::len("old eigenvalues", eigenvalues.len(), n)?;
-    if probes == 0 {
-        return Err(crate::Error::InvalidParameter {
-            what: "probes",
-            value: 0.0,
-            expected: ">= 1",
-        });
-    }
-    check::finite("factor", f)?;
-    check::finite("old eigenbasis", q)?;
-    check::finite_slice("old eigenvalues", eigenvalues)?;
-    check::stack(stack, eigenbasis_change_estimate_scratch::<T>(n, probes))?;
-    if n == 0 {
-        return Ok(0.0);
-    }
-    let (mut w, stack) = temp_mat_zeroed::<T, _, _>(n, probes, stack);
-    let mut w = w.as_mat_mut();
-    let (mut y, stack) = temp_mat_zeroed::<T, _, _>(n, probes, stack);
-    let mut y = y.as_mat_mut();
-    let (mut z, _) = temp_mat_zeroed::<T, _, _>(n, probes, stack);
-    let mut z = z.as_mat_mut();
-    // Random signs from splitmix64, 64 entries per draw, column by column.
-    let mut state = seed;
-    let mut bits = 0u64;
-    let mut left = 0u32;
-    for j in 0..probes {
-        for i in 0..n {
-            if left == 0 {
-                bits = splitmix64(&mut state);
-                left = 64;
-            }
-            w[(i, j)] = if bits & 1 == 1 { T::ONE } else { -T::ONE };
-            bits >>= 1;
-            left -= 1;
-        }
-    }
-    // y = F w - Q (l .* (Q^T w)).
-    matmul(y.rb_mut(), Accum::Replace, f, w.rb(), T::ONE, par);
-    matmul(
-        z.rb_mut(),
-        Accum::Replace,
-        q.transpose(),
-        w.rb(),
-        T::ONE,
-        par,
-    );
-    for j in 0..probes {
-        for (i, &l) in eigenvalues.iter().enumerate() {
-            z[(i, j)] *= l;
-        }
-    }
-    matmul(y.rb_mut(), Accum::Add, q, z.rb(), -T::ONE, par);
-    let mut ss = 0.0f64;
-    for j in 0..probes {
-        for i in 0..n {
-            let v = y[(i, j)].to_f64();
-            ss += v * v;
-        }
-    }
-    Ok((ss / probes as f64).sqrt_val())
-}
-
-/// One draw of the splitmix64 generator (Steele, Lea and Flood 2014).
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// Scratch needed by [`eigenbasis_drift`] for a `dim x dim` factor.
 pub fn eigenbasis_drift_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
@@ -273,10 +146,16 @@ pub struct Refresh {
     /// A bound of `‖F - Q diag(l) Q^T‖_F` for the basis and eigenvalues
     /// returned: the drift when [`Kept`](RefreshKind::Kept), the
     /// refinement's bound when [`Refined`](RefreshKind::Refined) or
-    /// [`Stale`](RefreshKind::Stale) after an attempt, infinity when no
-    /// refinement was attempted. First order in the rounding error of the
+    /// [`Stale`](RefreshKind::Stale) after an attempt, infinity when the
+    /// attempt was given up early. First order in the rounding error of the
     /// working precision (see [`refresh_eigenbasis`]).
     pub bound: f64,
+    /// A bound of the loss of orthogonality `‖Q'^T Q' - I‖_F` of the
+    /// refined basis `Q'` (when [`Refined`](RefreshKind::Refined), or
+    /// [`Stale`](RefreshKind::Stale) after an attempt; infinity when it
+    /// was given up early); 0 when [`Kept`](RefreshKind::Kept) (the basis
+    /// is untouched).
+    pub orthogonality: f64,
 }
 
 /// Scratch needed by [`refresh_eigenbasis`] for a `dim x dim` factor.
@@ -289,10 +168,13 @@ pub fn refresh_eigenbasis_scratch<T: Real>(dim: usize, par: Par) -> StackReq {
     ])
 }
 
-/// Largest `|E_ij|` of a pair the refinement rotates (see
-/// [`refresh_eigenbasis`]); pairs needing a larger rotation are left to a
-/// full decomposition's accounting (their coupling counts in the bound).
-const MAX_ROTATION: f64 = 0.25;
+/// The thresholds tried for the largest `|E_ij|` of a pair the refinement
+/// rotates (see [`refresh_eigenbasis`]): a pair needing a larger rotation
+/// is left coupled (its coupling counts in the bound). The refinement
+/// takes the threshold of the smallest bound: rotating many pairs of close
+/// eigenvalues (the bulk of a factor's spectrum) by large angles makes
+/// `‖E‖` and the bound grow faster than it removes coupling.
+pub(super) const ROTATIONS: [f64; 4] = [0.25, 0.05, 0.01, 0.002];
 
 /// Refreshes an old eigenbasis `Q` (`n x n`, orthogonal up to rounding) of
 /// a factor `F` that changed since: keeps it, refines it in place, or
@@ -307,22 +189,34 @@ const MAX_ROTATION: f64 = 0.25;
 ///    untouched.
 /// 2. **Refine** (`3 n^3` more): one step of the iterative refinement of
 ///    Ogita and Aishima (Japan J. Indust. Appl. Math. 35, 2018):
-///    `Q <- Q (I + E)` with `R = I - Q^T Q` and, for `d = diag(B)`,
+///    `Q' = Q (I + E)` with `R = I - Q^T Q`, `d = diag(B)`, `D = diag(d)`,
 ///    `E_ii = r_ii / 2`, and for `i != j`
 ///    `E_ij = (b_ij + d_j r_ij) / (d_j - d_i)` where that pair's rotation
-///    is at most 1/4 in size (both ways), else `r_ij / 2`. This cancels
+///    is at most a threshold `τ` in size (both ways), else `r_ij / 2`;
+///    `τ` is the one of 1/4, 1/20, 1/100, 1/500 whose bound below is
+///    smallest (within the orthogonality limit). This cancels
 ///    the off-diagonal of `B` to first order for the rotated pairs and
 ///    restores orthogonality to first order (`E + E^T = R`). Eigenvalue
-///    estimates `d_i (1 + r_ii)`. A bound of the new error, from `B`, `R`
-///    and `E` alone:
-///    `‖U‖_F + 2 ‖E‖_F ‖O‖_F + ‖E‖_F^2 ‖B‖_F + 2 ‖R'‖ ‖B‖_F`, where `O` is
-///    the off-diagonal of `B`, `U` what stays of it on the pairs not
-///    rotated (`b_ij + (d_i + d_j) r_ij / 2`), and
-///    `‖R'‖ <= 2 ‖E‖_F ‖R‖_F + ‖E‖_F^2 (1 + ‖R‖_F)` bounds the new basis's
-///    loss of orthogonality (plus the size of the estimates' negative
-///    parts, clamped). The refinement is applied only if that bound is at
-///    most `limit`.
-/// 3. **Stale** otherwise: nothing is written.
+///    estimates `l' = d_i (1 + r_ii)`. With `O` the off-diagonal of `B`,
+///    `U` what stays of it on the pairs not rotated
+///    (`b_ij + (d_i + d_j) r_ij / 2`), `ρ = max |r_ii|` and all norms
+///    Frobenius, the refined basis loses orthogonality by at most
+///    `r' = 2 ‖E‖‖R‖ + ‖E‖^2 (1 + ‖R‖)` (from
+///    `Q'^T Q' = I - (E^T R + R E - E^T E + E^T R E)`), and its error is
+///    at most
+///    `[‖U‖ + 2 ‖E‖‖O‖ + Σ |d_i| E_ij^2 + ‖E‖^2 ‖O‖ + 2 (1 + ρ) (‖E‖‖RD‖ + ‖R‖‖ED‖ + ‖E‖‖ED‖ + ‖E‖‖R‖‖ED‖) + r'^2 (1 + ρ) ‖D‖] / (1 - r')`
+///    (the first four terms bound `Q'^T F Q' - diag(l')`, the rest what
+///    `Q'` not being orthogonal adds; weighting `E` by `D` keeps large
+///    rotations among small eigenvalues from counting at the scale of the
+///    largest). The refinement is applied only if that bound (plus the
+///    size of the estimates' negative parts, clamped) is at most `limit`
+///    and `r'` at most `orthogonality_limit`. (A preconditioner that uses
+///    `Q'` as if orthogonal changes a damped inverse by about `r'`
+///    relative, whatever the eigenvalues.)
+/// 3. **Stale** otherwise: nothing is written. When the couplings no
+///    rotation of size 1/4 removes already exceed `limit`, before the
+///    refinement's `n^3` of work (`bound` and `orthogonality` are then
+///    infinite).
 ///
 /// The bound neglects the rounding of the working precision (about
 /// `n eps ‖F‖`, the floor of any f32 decomposition too). Eigenvalues are
@@ -337,10 +231,10 @@ const MAX_ROTATION: f64 = 0.25;
 /// let mut q = Mat::<f64>::identity(2, 2);
 /// let mut l = vec![0.0; 2];
 /// let mut buf = MemBuffer::new(refresh_eigenbasis_scratch::<f64>(2, Par::Seq));
-/// let r = refresh_eigenbasis(f.as_ref(), q.as_mut(), &mut l, 1e-4, Par::Seq,
+/// let r = refresh_eigenbasis(f.as_ref(), q.as_mut(), &mut l, 1e-4, 1e-3, Par::Seq,
 ///                            MemStack::new(&mut buf)).unwrap();
 /// assert_eq!(r.kind, RefreshKind::Refined);
-/// assert!(r.drift > 1e-3 && r.bound <= 1e-4);
+/// assert!(r.drift > 1e-3 && r.bound <= 1e-4 && r.orthogonality <= 1e-6);
 /// // The refined first eigenvector leans toward e2 by e / (3 - 1).
 /// assert!((q[(1, 0)] - e / 2.0).abs() < 1e-9);
 /// ```
@@ -350,7 +244,7 @@ const MAX_ROTATION: f64 = 0.25;
 /// [`Error::LengthMismatch`](crate::Error::LengthMismatch) for shapes,
 /// [`Error::NonFinite`](crate::Error::NonFinite) for a NaN/Inf in `F` or
 /// `Q`, [`Error::InvalidParameter`](crate::Error::InvalidParameter) for a
-/// negative or NaN `limit`,
+/// negative or NaN `limit` or `orthogonality_limit`,
 /// [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall). `Q` and
 /// `eigenvalues` are untouched on error.
 pub fn refresh_eigenbasis<T: Real>(
@@ -358,6 +252,7 @@ pub fn refresh_eigenbasis<T: Real>(
     mut q: MatMut<'_, T>,
     eigenvalues: &mut [T],
     limit: f64,
+    orthogonality_limit: f64,
     par: Par,
     stack: &mut MemStack,
 ) -> Result<Refresh> {
@@ -371,6 +266,13 @@ pub fn refresh_eigenbasis<T: Real>(
             expected: ">= 0",
         });
     }
+    if orthogonality_limit.is_nan() || orthogonality_limit < 0.0 {
+        return Err(crate::Error::InvalidParameter {
+            what: "orthogonality_limit",
+            value: orthogonality_limit,
+            expected: ">= 0",
+        });
+    }
     check::finite("factor", f)?;
     check::finite("old eigenbasis", q.rb())?;
     check::stack(stack, refresh_eigenbasis_scratch::<T>(n, par))?;
@@ -379,6 +281,7 @@ pub fn refresh_eigenbasis<T: Real>(
             kind: RefreshKind::Kept,
             drift: 0.0,
             bound: 0.0,
+            orthogonality: 0.0,
         });
     }
     let (mut p, stack) = temp_mat_zeroed::<T, _, _>(n, n, stack);
@@ -406,13 +309,28 @@ pub fn refresh_eigenbasis<T: Real>(
             kind: RefreshKind::Kept,
             drift,
             bound: drift + clamped,
+            orthogonality: 0.0,
         });
     }
 
-    // d = diag(B) (column 0), and Q^T Q: its diagonal in column 1, its
-    // strict upper triangle in B's (B's own is the lower).
+    // d = diag(B). A quick reject before computing R (`n^3`): the best
+    // bound with R neglected (it is rounding-sized; its terms only add).
     for i in 0..n {
         dr[(i, 0)] = b[(i, i)].to_f64();
+    }
+    let (_, approx, approx_orth) = choose_rotation(b.rb(), dr.rb(), false, orthogonality_limit);
+    if approx > limit || approx_orth > orthogonality_limit || approx.is_nan() {
+        return Ok(Refresh {
+            kind: RefreshKind::Stale,
+            drift,
+            bound: f64::INFINITY,
+            orthogonality: f64::INFINITY,
+        });
+    }
+
+    // Q^T Q: its diagonal in column 1, its strict upper triangle in B's
+    // (B's own is the lower).
+    for i in 0..n {
         let col = q.rb().col(i);
         let mut s = 0.0f64;
         for k in 0..n {
@@ -432,48 +350,23 @@ pub fn refresh_eigenbasis<T: Real>(
         T::ONE,
         par,
     );
-    // E into P (no longer needed), and the terms of the bound.
-    let (mut u2, mut e2, mut r2, mut b2, mut o2) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    let (best, bound, orthogonality) = choose_rotation(b.rb(), dr.rb(), true, orthogonality_limit);
+    let tau = ROTATIONS[best];
     for i in 0..n {
-        let (di, rii) = (dr[(i, 0)], 1.0 - dr[(i, 1)]);
-        let eii = rii / 2.0;
-        p[(i, i)] = T::from_f64(eii);
-        e2 += eii * eii;
-        r2 += rii * rii;
-        b2 += di * di;
+        p[(i, i)] = T::from_f64((1.0 - dr[(i, 1)]) / 2.0);
     }
     for j in 0..n {
-        let dj = dr[(j, 0)];
         for i in j + 1..n {
-            let di = dr[(i, 0)];
-            let bij = b[(i, j)].to_f64();
-            let rij = -b[(j, i)].to_f64();
-            let gap = dj - di;
-            let (eij, eji) = ((bij + dj * rij) / gap, (bij + di * rij) / -gap);
-            let rotate = gap != 0.0 && eij.abs() <= MAX_ROTATION && eji.abs() <= MAX_ROTATION;
-            let (eij, eji) = if rotate {
+            let (_, _, _, rij, eij, eji, size) = pair(b.rb(), dr.rb(), true, i, j);
+            let (eij, eji) = if size <= tau {
                 (eij, eji)
             } else {
-                let u = bij + (di + dj) * rij / 2.0;
-                u2 += 2.0 * u * u;
                 (rij / 2.0, rij / 2.0)
             };
             p[(i, j)] = T::from_f64(eij);
             p[(j, i)] = T::from_f64(eji);
-            e2 += eij * eij + eji * eji;
-            r2 += 2.0 * rij * rij;
-            b2 += 2.0 * bij * bij;
-            o2 += 2.0 * bij * bij;
         }
     }
-    let (u, e, r, bn, o) = (
-        u2.sqrt_val(),
-        e2.sqrt_val(),
-        r2.sqrt_val(),
-        b2.sqrt_val(),
-        o2.sqrt_val(),
-    );
-    let r_new = 2.0 * e * r + e * e * (1.0 + r);
     let clamped = (0..n)
         .map(|i| {
             let v = (dr[(i, 0)] * (2.0 - dr[(i, 1)])).min(0.0);
@@ -481,13 +374,18 @@ pub fn refresh_eigenbasis<T: Real>(
         })
         .sum::<f64>()
         .sqrt_val();
-    let bound = u + 2.0 * e * o + e * e * bn + 2.0 * r_new * bn + clamped;
+    let bound = bound + clamped;
     // NaN (overflowing terms) is not within any limit.
-    if bound.is_nan() || bound > limit {
+    if bound.is_nan()
+        || bound > limit
+        || orthogonality.is_nan()
+        || orthogonality > orthogonality_limit
+    {
         return Ok(Refresh {
             kind: RefreshKind::Stale,
             drift,
             bound,
+            orthogonality,
         });
     }
     // Q <- Q + Q E, through B (no longer needed).
@@ -505,5 +403,161 @@ pub fn refresh_eigenbasis<T: Real>(
         kind: RefreshKind::Refined,
         drift,
         bound,
+        orthogonality,
     })
+}
+
+/// `(d_i, d_j, b_ij, r_ij, E_ij, E_ji, rotation size)` of the pair
+/// `i > j` from `B`'s lower triangle, `R`'s off-diagonal (minus `B`'s
+/// strict upper triangle, `Q^T Q`) and `d` (column 0 of `dr`); `R` taken as
+/// zero unless `with_r`. The size is NaN when `d_i = d_j` (never rotated).
+#[inline]
+fn pair<T: Real>(
+    b: MatRef<'_, T>,
+    dr: MatRef<'_, f64>,
+    with_r: bool,
+    i: usize,
+    j: usize,
+) -> (f64, f64, f64, f64, f64, f64, f64) {
+    let (di, dj) = (dr[(i, 0)], dr[(j, 0)]);
+    let bij = b[(i, j)].to_f64();
+    let rij = if with_r { -b[(j, i)].to_f64() } else { 0.0 };
+    let gap = dj - di;
+    let (eij, eji) = ((bij + dj * rij) / gap, (bij + di * rij) / -gap);
+    let size = eij.abs().max(eji.abs());
+    (di, dj, bij, rij, eij, eji, size)
+}
+
+/// The rotation threshold of the refinement (an index into
+/// [`ROTATIONS`]) with the smallest error bound among those whose loss of
+/// orthogonality is within `orthogonality_limit` (else the smallest loss),
+/// and that `(bound, loss)`, in one pass over the pairs for every
+/// threshold. `R = I - Q^T Q` (diagonal: `1 - ` column 1 of `dr`) is taken
+/// as zero unless `with_r`, which can only lower the figures.
+fn choose_rotation<T: Real>(
+    b: MatRef<'_, T>,
+    dr: MatRef<'_, f64>,
+    with_r: bool,
+    orthogonality_limit: f64,
+) -> (usize, f64, f64) {
+    let n = b.nrows();
+    let mut terms: [BoundTerms; ROTATIONS.len()] = Default::default();
+    let mut common = BoundTerms::default();
+    for i in 0..n {
+        let di = dr[(i, 0)];
+        let rii = if with_r { 1.0 - dr[(i, 1)] } else { 0.0 };
+        common.add_e(rii / 2.0, di, di);
+        common.r2 += rii * rii;
+        common.rd2 += rii * rii * di * di;
+        common.d2 += di * di;
+        common.rho = common.rho.max(rii.abs());
+    }
+    for j in 0..n {
+        for i in j + 1..n {
+            let (di, dj, bij, rij, eij, eji, size) = pair(b, dr, with_r, i, j);
+            common.r2 += 2.0 * rij * rij;
+            common.rd2 += rij * rij * (di * di + dj * dj);
+            common.o2 += 2.0 * bij * bij;
+            for (t, &tau) in terms.iter_mut().zip(&ROTATIONS) {
+                if size <= tau {
+                    t.add_e(eij, di, dj);
+                    t.add_e(eji, dj, di);
+                } else {
+                    let u = bij + (di + dj) * rij / 2.0;
+                    t.u2 += 2.0 * u * u;
+                    t.add_e(rij / 2.0, di, dj);
+                    t.add_e(rij / 2.0, dj, di);
+                }
+            }
+        }
+    }
+    let (mut best, mut bound, mut orthogonality) = (0, f64::INFINITY, f64::INFINITY);
+    for (k, t) in terms.iter().enumerate() {
+        let (bnd, orth) = t.with(&common).bound();
+        let fits = orth <= orthogonality_limit;
+        let best_fits = orthogonality <= orthogonality_limit;
+        // Within the orthogonality limit first, then the smaller bound (or,
+        // while none is within it, the smaller loss).
+        let better = match (fits, best_fits) {
+            (true, false) => true,
+            (true, true) => bnd < bound,
+            (false, false) => orth < orthogonality,
+            (false, true) => false,
+        };
+        if better {
+            (best, bound, orthogonality) = (k, bnd, orth);
+        }
+    }
+    (best, bound, orthogonality)
+}
+
+/// Sums of squares behind the refinement's error bound.
+#[derive(Clone, Copy, Default)]
+pub(super) struct BoundTerms {
+    /// `‖U‖_F^2`: the off-diagonal left on pairs not rotated.
+    pub(super) u2: f64,
+    /// `‖E‖_F^2`.
+    pub(super) e2: f64,
+    /// `‖E D‖_F^2`.
+    pub(super) ed2: f64,
+    /// `sum_ij |d_i| E_ij^2 >= ‖E^T D E‖_F`.
+    pub(super) de: f64,
+    /// `‖R‖_F^2`.
+    pub(super) r2: f64,
+    /// `‖R D‖_F^2`.
+    pub(super) rd2: f64,
+    /// `‖O‖_F^2`: the off-diagonal of `B`.
+    pub(super) o2: f64,
+    /// `‖D‖_F^2`.
+    pub(super) d2: f64,
+    /// `max |r_ii|`.
+    pub(super) rho: f64,
+}
+
+impl BoundTerms {
+    /// The sums of `self` and `other` (`rho`: the larger).
+    pub(super) fn with(&self, other: &BoundTerms) -> BoundTerms {
+        BoundTerms {
+            u2: self.u2 + other.u2,
+            e2: self.e2 + other.e2,
+            ed2: self.ed2 + other.ed2,
+            de: self.de + other.de,
+            r2: self.r2 + other.r2,
+            rd2: self.rd2 + other.rd2,
+            o2: self.o2 + other.o2,
+            d2: self.d2 + other.d2,
+            rho: self.rho.max(other.rho),
+        }
+    }
+
+    /// Adds `E_ij = e` in row `i` (of `d_i = di`), column `j` (`dj`).
+    pub(super) fn add_e(&mut self, e: f64, di: f64, dj: f64) {
+        self.e2 += e * e;
+        self.ed2 += e * e * dj * dj;
+        self.de += di.abs() * e * e;
+    }
+
+    /// `(error bound, bound of ‖Q'^T Q' - I‖_F)` of the refined basis.
+    pub(super) fn bound(&self) -> (f64, f64) {
+        let (u, e, ed, r, rd, o, d) = (
+            self.u2.sqrt_val(),
+            self.e2.sqrt_val(),
+            self.ed2.sqrt_val(),
+            self.r2.sqrt_val(),
+            self.rd2.sqrt_val(),
+            self.o2.sqrt_val(),
+            self.d2.sqrt_val(),
+        );
+        // R' = E^T R + R E - E^T E + E^T R E (as E + E^T = R).
+        let rn = 2.0 * e * r + e * e * (1.0 + r);
+        if rn >= 1.0 {
+            return (f64::INFINITY, rn);
+        }
+        // ‖B' - Λ'‖_F: what stays unrotated, E^T O + O E, E^T B E.
+        let off = u + 2.0 * e * o + self.de + e * e * o;
+        // ‖R' Λ'‖_F <= (1 + rho) ‖R' D‖_F, and ‖R' Λ' R'‖.
+        let rdn = e * rd + r * ed + e * ed + e * r * ed;
+        let orth = 2.0 * (1.0 + self.rho) * rdn + rn * rn * (1.0 + self.rho) * d;
+        ((off + orth) / (1.0 - rn), rn)
+    }
 }

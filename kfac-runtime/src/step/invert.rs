@@ -458,6 +458,10 @@ enum Refreshed {
 /// below the true change with probability below `1e-5`).
 const REUSE_PROBES: usize = 32;
 
+/// Columns of the drift sample ([`eigen::eigenbasis_drift_sample`]):
+/// those of the largest old eigenvalues.
+const DRIFT_COLUMNS: usize = 32;
+
 /// The old eigendecomposition of factor task `t` (of layer `l`) refreshed
 /// for the new factor `f` when `Config::refresh_tolerance` allows (see
 /// there), from the cheapest test on: reused as it is, kept with new
@@ -527,13 +531,38 @@ fn refresh_basis(
             Refreshed::Reused,
         )));
     }
+    // Can neither keeping nor refining serve? The columns of Q^T F Q of
+    // the largest old eigenvalues (where a covariance's drift
+    // concentrates), O(n^2): the drift they hold, and the refinement's
+    // bound on their entries alone, each a lower estimate. (A wrong call
+    // costs time, never accuracy.)
+    let mut top: Vec<usize> = mem::with_capacity(n, &what)?;
+    top.extend(0..n);
+    top.sort_by(|&i, &j| old_l[j].total_cmp(&old_l[i]));
+    top.truncate(DRIFT_COLUMNS);
+    let req = eigen::eigenbasis_drift_sample_scratch::<f32>(n, top.len());
+    let sample = scratch.with(req, |stack| {
+        eigen::eigenbasis_drift_sample(m.as_ref(), q.as_ref(), old_l, &top, par, stack)
+            .map_err(kerr(name))
+    })?;
+    if sample.drift > limit && sample.refine_bound > limit {
+        log::debug!("kfac: {name} factor {t}: limit {limit:.3e}, {sample:?}: decomposing");
+        return Ok(None);
+    }
     // Keep or refine: exact, 3 n^3 flops, 3 more to refine.
     let mut q = mem::from_fn(n, n, &what, |i, j| q[(i, j)])?;
     let mut est = mem::filled(n, 0.0f32, &what)?;
     let r = scratch.with(eigen::refresh_eigenbasis_scratch::<f32>(n, par), |stack| {
-        eigen::refresh_eigenbasis(m.as_ref(), q.as_mut(), &mut est, limit, par, stack)
+        // A basis used as if orthogonal changes a damped inverse by about
+        // its loss of orthogonality (relative): at most the tolerance.
+        let orth = cfg.refresh_tolerance;
+        eigen::refresh_eigenbasis(m.as_ref(), q.as_mut(), &mut est, limit, orth, par, stack)
             .map_err(kerr(name))
     })?;
+    if std::env::var_os("KFAC_DEBUG_REFRESH").is_some() {
+        eprintln!("{name} t{t} n{n} limit {limit:.3e} {r:?}");
+    }
+    log::debug!("kfac: {name} factor {t}: limit {limit:.3e}, {r:?}");
     let how = match r.kind {
         eigen::RefreshKind::Kept => Refreshed::Kept,
         eigen::RefreshKind::Refined => Refreshed::Refined,
