@@ -508,7 +508,7 @@ fn refresh_basis(
     let what = format!("layer '{name}': refreshed eigenbasis");
     let par = par_for(if n > 512 { threads } else { 1 });
     // Reuse: a randomized estimate, O(n^2); the probe sequence depends on
-    // the factor's index only, so every run and rank decides alike.
+    // the factor's index only, so repeated runs decide alike.
     let req = eigen::eigenbasis_change_estimate_scratch::<f32>(n, REUSE_PROBES);
     let change = scratch.with(req, |stack| {
         eigen::eigenbasis_change_estimate(
