@@ -234,8 +234,10 @@ pub struct Config {
     /// of a factor changes its damped Kronecker inverse by at most
     /// `‖E‖ λmax(partner) / damping` relative, so the preconditioned
     /// gradient stays within about twice the tolerance of the full
-    /// decomposition's. `λmax(partner)` is the partner factor's largest
-    /// eigenvalue at its last decomposition. `0` (the default) decomposes
+    /// decomposition's. `λmax(partner)` is the larger of the partner
+    /// factor's largest eigenvalue at its last decomposition and a
+    /// power-iteration estimate of its current one; a factor whose partner
+    /// was zero at its last decomposition is decomposed. `0` (the default) decomposes
     /// every factor every time; must be finite and `>= 0`. Ignored in
     /// kfac-pytorch mode. With a gradient-worker fraction below one, an
     /// owner that does not hold the old basis decomposes in full, so

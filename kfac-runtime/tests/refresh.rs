@@ -242,3 +242,25 @@ fn refresh_over_a_turning_run_refines_and_stays_within_the_tolerance() {
     assert!(refined >= 4, "refined {refined}");
     assert!(full >= 4, "full {full}");
 }
+
+/// A factor whose partner was zero at the last inversion (no gradient yet)
+/// is decomposed again, not refreshed: the tolerance's scale (the partner's
+/// largest eigenvalue) said nothing about how much its error will matter.
+#[test]
+fn a_factor_whose_partner_was_zero_is_decomposed_again() {
+    let (d_in, d_out, n) = (12usize, 6usize, 32usize);
+    let mut tw = Twins::new(d_in, d_out, 1e-2, 1e-3);
+    let mut rng = Rng(9);
+    let x0: Vec<f32> = (0..n * d_in).map(|_| rng.next() as f32).collect();
+    let zeros = vec![0.0f32; n * d_out];
+    tw.step(&x0, &zeros, n);
+    // Other activations, and gradients at last.
+    let x1: Vec<f32> = x0
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| v * (k % 3) as f32)
+        .collect();
+    let g1: Vec<f32> = (0..n * d_out).map(|_| rng.next() as f32).collect();
+    let o = tw.step(&x1, &g1, n);
+    assert_eq!((o.kept, o.refined), (0, 0), "{o:?}");
+}

@@ -141,6 +141,7 @@ pub(crate) fn run(
                             &layers[li],
                             t,
                             factor_of(t),
+                            factor_of(t ^ 1),
                             cfg,
                             plan.damping,
                             th,
@@ -467,10 +468,12 @@ const DRIFT_COLUMNS: usize = 32;
 /// there), from the cheapest test on: reused as it is, kept with new
 /// eigenvalue estimates, or refined by one step; `None` when none is within
 /// the tolerance, or when there is no old basis on this rank.
+#[allow(clippy::too_many_arguments)]
 fn refresh_basis(
     l: &crate::state::LayerState,
     t: usize,
     f: &Factor,
+    partner_now: &Factor,
     cfg: &Config,
     damping: f64,
     threads: usize,
@@ -497,7 +500,29 @@ fn refresh_basis(
     if q.nrows() != n || old_l.len() != n {
         return Ok(None);
     }
-    let partner = partner.iter().fold(0.0f64, |a, &v| a.max(v as f64));
+    // The partner's largest eigenvalue: at its last decomposition, or now
+    // (a power-iteration estimate of its new factor) if larger. A partner
+    // that was zero says nothing about how much this factor's error will
+    // matter once it is not: decompose.
+    let partner_then = partner.iter().fold(0.0f64, |a, &v| a.max(v as f64));
+    if partner_then <= 0.0 || partner_then.is_nan() {
+        return Ok(None);
+    }
+    let partner_now = match partner_now {
+        Factor::Diag(d) => d.iter().fold(0.0f64, |a, &v| a.max(v as f64)),
+        Factor::Dense(pm) => {
+            let req = eigen::largest_eigenvalue_estimate_scratch(pm.nrows());
+            scratch.with(req, |stack| {
+                eigen::largest_eigenvalue_estimate(
+                    pm.as_ref(),
+                    Precision::AUTO_POWER_ITERATIONS,
+                    stack,
+                )
+                .map_err(kerr(&l.name))
+            })?
+        }
+    };
+    let partner = partner_then.max(partner_now);
     // The absolute error `‖F - Q diag(l) Q^T‖` allowed. NaN (cannot
     // happen for finite inputs) refreshes nothing.
     let limit = cfg.refresh_tolerance * damping / partner;
@@ -559,9 +584,6 @@ fn refresh_basis(
         eigen::refresh_eigenbasis(m.as_ref(), q.as_mut(), &mut est, limit, orth, par, stack)
             .map_err(kerr(name))
     })?;
-    if std::env::var_os("KFAC_DEBUG_REFRESH").is_some() {
-        eprintln!("{name} t{t} n{n} limit {limit:.3e} {r:?}");
-    }
     log::debug!("kfac: {name} factor {t}: limit {limit:.3e}, {r:?}");
     let how = match r.kind {
         eigen::RefreshKind::Kept => Refreshed::Kept,
