@@ -285,17 +285,29 @@ fn bench_eigen_t<T: Real + lapack::LapackReal>(c: &mut Criterion, lib: Option<&l
                     .unwrap()
                 })
             });
-            if let Some((lib, w)) = lap.as_mut() {
-                let threads = if label == "1t" { 1 } else { 2 };
-                if lib.set_threads(threads) || threads == 1 {
-                    g.bench_function(format!("lapack_syevd/{label}"), |b| {
-                        b.iter(|| w.run(lib, black_box(&a_cols)))
-                    });
-                }
-                lib.set_threads(1);
-            }
+            bench_lapack_syevd(&mut g, lap.as_mut(), label, &a_cols);
         }
         g.finish();
+    }
+}
+
+/// LAPACK's `?syevd` of `a_cols` (column-major) in group `g`, with
+/// OpenBLAS's threads matching `label` ("1t" / "2t"; skipped on two
+/// threads when they cannot be set).
+fn bench_lapack_syevd<T: Real + lapack::LapackReal>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    lap: Option<&mut (&lapack::Lapack, lapack::Syevd<T>)>,
+    label: &str,
+    a_cols: &[T],
+) {
+    if let Some((lib, w)) = lap {
+        let threads = if label == "1t" { 1 } else { 2 };
+        if lib.set_threads(threads) || threads == 1 {
+            g.bench_function(format!("lapack_syevd/{label}"), |b| {
+                b.iter(|| w.run(lib, black_box(a_cols)))
+            });
+        }
+        lib.set_threads(1);
     }
 }
 
@@ -468,15 +480,7 @@ fn bench_refresh_t<T: Real + lapack::LapackReal>(c: &mut Criterion, lib: Option<
                     .unwrap()
                 })
             });
-            if let Some((lib, w)) = lap.as_mut() {
-                let threads = if label == "1t" { 1 } else { 2 };
-                if lib.set_threads(threads) || threads == 1 {
-                    g.bench_function(format!("lapack_syevd/{label}"), |b| {
-                        b.iter(|| w.run(lib, black_box(&a_cols)))
-                    });
-                }
-                lib.set_threads(1);
-            }
+            bench_lapack_syevd(&mut g, lap.as_mut(), label, &a_cols);
         }
         g.finish();
     }

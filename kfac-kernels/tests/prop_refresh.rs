@@ -545,3 +545,31 @@ fn drift_sample_rejects_bad_columns() {
     assert_eq!(run(&[2, 0], &mut buf).unwrap().drift, 0.0);
     assert_eq!(run(&[], &mut buf).unwrap().drift, 0.0);
 }
+
+/// A factor near the top of f32's range makes the products overflow:
+/// nothing is kept or refined (the outputs stay untouched), even with an
+/// infinite limit.
+#[test]
+fn overflowing_products_keep_nothing_even_with_an_infinite_limit() {
+    let d = 8;
+    // Entries of 3e38 against a (far from orthogonal) basis of ones: each
+    // entry of F Q is 8 * 3e38, beyond f32.
+    let f = faer::Mat::<f32>::from_fn(d, d, |_, _| 3e38);
+    let q0 = faer::Mat::<f32>::from_fn(d, d, |_, _| 1.0);
+    let mut buf = buffer(refresh_eigenbasis_scratch::<f32>(d, faer::Par::Seq));
+    let mut q = q0.clone();
+    let mut l = vec![f32::NAN; d];
+    let r = refresh_eigenbasis(
+        f.as_ref(),
+        q.as_mut(),
+        &mut l,
+        f64::INFINITY,
+        f64::INFINITY,
+        faer::Par::Seq,
+        MemStack::new(&mut buf),
+    )
+    .unwrap();
+    assert_eq!(r.kind, RefreshKind::Stale, "{r:?}");
+    assert_eq!(q, q0);
+    assert!(l.iter().all(|v| v.is_nan()));
+}

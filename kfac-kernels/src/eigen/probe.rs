@@ -3,7 +3,7 @@
 //! far the factor moved from it, and a sample of columns of
 //! `Q^T F Q`. Re-exported from [`super`](crate::eigen).
 
-use super::refresh::{BoundTerms, ROTATIONS};
+use super::refresh::{add_pair, BoundTerms, ROTATIONS};
 use crate::{check, Real, Result};
 use faer::dyn_stack::{MemStack, StackReq};
 use faer::linalg::matmul::matmul;
@@ -287,14 +287,7 @@ pub fn eigenbasis_drift_sample<T: Real>(
             common.o2 += 2.0 * v * v;
             let (eik, eki) = (v / (dk - di), v / (di - dk));
             let size = eik.abs().max(eki.abs());
-            for (t, &tau) in terms.iter_mut().zip(&ROTATIONS) {
-                if size <= tau {
-                    t.add_e(eik, di, dk);
-                    t.add_e(eki, dk, di);
-                } else {
-                    t.u2 += 2.0 * v * v;
-                }
-            }
+            add_pair(&mut terms, (di, dk, v, 0.0, eik, eki, size));
         }
     }
     let refine_bound = terms

@@ -301,7 +301,10 @@ pub fn refresh_eigenbasis<T: Real>(
         })
         .sum::<f64>()
         .sqrt_val();
-    if drift + clamped <= limit {
+    // Products that overflowed (a factor near the type's range) keep
+    // nothing, whatever the limit.
+    let finite = drift.is_finite() && (0..n).all(|i| b[(i, i)].is_finite_val());
+    if finite && drift + clamped <= limit {
         for (i, l) in eigenvalues.iter_mut().enumerate() {
             *l = b[(i, i)].max_val(T::ZERO);
         }
@@ -319,7 +322,7 @@ pub fn refresh_eigenbasis<T: Real>(
         dr[(i, 0)] = b[(i, i)].to_f64();
     }
     let (_, approx, approx_orth) = choose_rotation(b.rb(), dr.rb(), false, orthogonality_limit);
-    if approx > limit || approx_orth > orthogonality_limit || approx.is_nan() {
+    if !finite || approx > limit || approx_orth > orthogonality_limit || approx.is_nan() {
         return Ok(Refresh {
             kind: RefreshKind::Stale,
             drift,
@@ -375,10 +378,11 @@ pub fn refresh_eigenbasis<T: Real>(
         .sum::<f64>()
         .sqrt_val();
     let bound = bound + clamped;
-    // NaN (overflowing terms) is not within any limit.
-    if bound.is_nan()
+    // Non-finite terms (overflow) are not within any limit, not even an
+    // infinite one.
+    if !bound.is_finite()
         || bound > limit
-        || orthogonality.is_nan()
+        || !orthogonality.is_finite()
         || orthogonality > orthogonality_limit
     {
         return Ok(Refresh {
@@ -458,17 +462,7 @@ fn choose_rotation<T: Real>(
             common.r2 += 2.0 * rij * rij;
             common.rd2 += rij * rij * (di * di + dj * dj);
             common.o2 += 2.0 * bij * bij;
-            for (t, &tau) in terms.iter_mut().zip(&ROTATIONS) {
-                if size <= tau {
-                    t.add_e(eij, di, dj);
-                    t.add_e(eji, dj, di);
-                } else {
-                    let u = bij + (di + dj) * rij / 2.0;
-                    t.u2 += 2.0 * u * u;
-                    t.add_e(rij / 2.0, di, dj);
-                    t.add_e(rij / 2.0, dj, di);
-                }
-            }
+            add_pair(&mut terms, (di, dj, bij, rij, eij, eji, size));
         }
     }
     let (mut best, mut bound, mut orthogonality) = (0, f64::INFINITY, f64::INFINITY);
@@ -489,6 +483,26 @@ fn choose_rotation<T: Real>(
         }
     }
     (best, bound, orthogonality)
+}
+
+/// Adds the pair `(d_i, d_j, b_ij, r_ij, E_ij, E_ji, rotation size)` (as
+/// [`pair`] returns it) to the bound terms of every rotation threshold:
+/// rotated where its size is within the threshold, else left coupled.
+pub(super) fn add_pair(
+    terms: &mut [BoundTerms; ROTATIONS.len()],
+    (di, dj, bij, rij, eij, eji, size): (f64, f64, f64, f64, f64, f64, f64),
+) {
+    for (t, &tau) in terms.iter_mut().zip(&ROTATIONS) {
+        if size <= tau {
+            t.add_e(eij, di, dj);
+            t.add_e(eji, dj, di);
+        } else {
+            let u = bij + (di + dj) * rij / 2.0;
+            t.u2 += 2.0 * u * u;
+            t.add_e(rij / 2.0, di, dj);
+            t.add_e(rij / 2.0, dj, di);
+        }
+    }
 }
 
 /// Sums of squares behind the refinement's error bound.
