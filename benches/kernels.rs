@@ -109,24 +109,31 @@ fn group<'a>(c: &'a mut Criterion, name: String) -> BenchmarkGroup<'a, WallTime>
 
 // ---------------------------------------------------------------------------
 // 1. Factor update: SYRK (accumulate, alpha = 1) and the lazy running average
-//    against faer's full GEMM computing all of X^T X.
+//    against the system BLAS's ?syrk (OpenBLAS, threads set to the row's
+//    count) and faer's full GEMM computing all of X^T X. f32 shapes span
+//    n = 32..8192 rows and d = 64..4608 (issue #13); f64 a few of them.
 // ---------------------------------------------------------------------------
 
-fn bench_factor_t<T: Real>(c: &mut Criterion) {
-    for &(n, d) in &[(256, 256), (256, 1024), (1024, 1024), (256, 4608)] {
+fn bench_factor_t<T: Real + lapack::LapackReal>(
+    c: &mut Criterion,
+    shapes: &[(usize, usize)],
+    lib: Option<&lapack::Lapack>,
+) {
+    for &(n, d) in shapes {
         // X is n x d row-major, as handed over from C.
         let xs = rand_vec::<T>(n * d, (n * 31 + d) as u64);
         let x = MatRef::from_row_major_slice(&xs, n, d);
         let mut c_ours = Mat::<T>::zeros(d, d);
         let mut c_lazy = Mat::<T>::zeros(d, d);
         let mut c_full = Mat::<T>::zeros(d, d);
+        let mut c_blas = vec![T::ZERO; d * d];
         let mut buf = prefaulted(factor::syrk_update_scratch::<T>(n, d, false, Par::rayon(2)));
         let beta = T::ONE / T::from_usize(n);
         let syrk_flops = (n * d * (d + 1)) as u64;
         let gemm_flops = (2 * n * d * d) as u64;
 
         let mut g = group(c, format!("factor/{}/n{n}_d{d}", T::NAME));
-        for (label, par) in pars(d >= 1024) {
+        for (label, par) in pars(n * d * d >= 1 << 24) {
             g.throughput(Throughput::Elements(syrk_flops));
             g.bench_function(format!("syrk_update/{label}"), |b| {
                 b.iter(|| {
@@ -142,6 +149,14 @@ fn bench_factor_t<T: Real>(c: &mut Criterion) {
                     .unwrap()
                 })
             });
+            if let Some(lib) = lib {
+                lib.set_threads(par.degree());
+                if T::syrk(lib, d, n, beta, &xs, &mut c_blas) {
+                    g.bench_function(format!("blas_syrk/{label}"), |b| {
+                        b.iter(|| T::syrk(lib, d, n, beta, black_box(&xs), &mut c_blas))
+                    });
+                }
+            }
             let mut scale = T::ONE;
             let xi = T::from_f64(0.95);
             g.bench_function(format!("running_average_lazy/{label}"), |b| {
@@ -177,8 +192,24 @@ fn bench_factor_t<T: Real>(c: &mut Criterion) {
 }
 
 fn bench_factor(c: &mut Criterion) {
-    bench_factor_t::<f32>(c);
-    bench_factor_t::<f64>(c);
+    let lib = lapack::Lapack::load();
+    if let Some(lib) = &lib {
+        eprintln!("BLAS baseline: {}", lib.name);
+    }
+    let f32_shapes = [
+        (32, 1024),
+        (256, 64),
+        (256, 256),
+        (256, 1024),
+        (256, 4608),
+        (2048, 1024),
+        (2048, 2304),
+        (2048, 4608),
+        (8192, 64),
+        (8192, 512),
+    ];
+    bench_factor_t::<f32>(c, &f32_shapes, lib.as_ref());
+    bench_factor_t::<f64>(c, &[(256, 256), (256, 1024), (2048, 1024)], lib.as_ref());
 }
 
 // ---------------------------------------------------------------------------
@@ -663,66 +694,137 @@ fn im2col_plain<T: Real>(m: &mut [T], img: &[T], layout: ImageLayout, g: &Conv2d
     }
 }
 
-fn bench_conv_t<T: Real>(c: &mut Criterion) {
-    let geom = Conv2dGeometry::new(32, 64, 56, 56, 3, 3).padding(1, 1);
-    let (oh, ow) = geom.output_size().unwrap();
-    let k = geom.patch_len().unwrap();
-    let positions = geom.batch * oh * ow;
-    let xs = rand_vec::<T>(geom.batch * 64 * 56 * 56, 7);
-    let flops = (positions * k * (k + 1)) as u64;
-    let mut a = Mat::<T>::zeros(k, k);
-    let mut a_base = Mat::<T>::zeros(k, k);
-    let mut buf = prefaulted(conv2d_a_update_scratch::<T>(&geom, false).unwrap());
-    // The baseline's materialized patch matrix (n*S x K, ~231 MB in f32).
-    let mut big = vec![T::ZERO; positions * k];
-    let scale = T::ONE / T::from_usize(positions);
+/// One conv2d layer of the A-statistics bench: `(name, geometry, channels,
+/// height, width)`, batch 32.
+type ConvLayer = (&'static str, Conv2dGeometry, usize, usize, usize);
 
-    let mut g = group(c, format!("conv2d_a/{}/resnet50_c64_56x56_n32_k3", T::NAME));
-    g.throughput(Throughput::Elements(flops));
-    for (layout, lname) in [(ImageLayout::Nchw, "nchw"), (ImageLayout::Nhwc, "nhwc")] {
-        let img = ImageRef::new(&xs, layout, geom.batch, 64, 56, 56).unwrap();
-        for (label, par) in pars(true) {
-            g.bench_function(format!("conv2d_a_update_{lname}/{label}"), |b| {
-                b.iter(|| {
-                    conv2d_a_update(
-                        a.as_mut(),
-                        T::ONE,
-                        T::ONE,
-                        black_box(img),
-                        &geom,
-                        false,
-                        ConvNormalization::Kfc,
-                        par,
-                        MemStack::new(&mut buf),
-                    )
-                    .unwrap()
-                })
-            });
-            g.bench_function(format!("im2col_then_syrk_{lname}/{label}"), |b| {
-                b.iter(|| {
-                    im2col_plain(&mut big, black_box(&xs), layout, &geom);
-                    let m = MatRef::from_column_major_slice(&big, positions, k);
-                    triangular::matmul(
-                        a_base.as_mut(),
-                        BlockStructure::TriangularLower,
-                        Accum::Add,
-                        m.transpose(),
-                        BlockStructure::Rectangular,
-                        m,
-                        BlockStructure::Rectangular,
-                        scale,
-                        par,
-                    );
-                })
-            });
+/// ResNet-50's layer kinds (issue #13): conv1, a 1x1 convolution and the
+/// 3x3 convolutions of the four stages.
+fn resnet50_layers() -> Vec<ConvLayer> {
+    let g3 = |c: usize, hw: usize| Conv2dGeometry::new(32, c, hw, hw, 3, 3).padding(1, 1);
+    vec![
+        (
+            "resnet50_conv1_c3_224_k7s2",
+            Conv2dGeometry::new(32, 3, 224, 224, 7, 7)
+                .stride(2, 2)
+                .padding(3, 3),
+            3,
+            224,
+            224,
+        ),
+        (
+            "resnet50_c256_56x56_n32_k1",
+            Conv2dGeometry::new(32, 256, 56, 56, 1, 1),
+            256,
+            56,
+            56,
+        ),
+        ("resnet50_c64_56x56_n32_k3", g3(64, 56), 64, 56, 56),
+        ("resnet50_c128_28x28_n32_k3", g3(128, 28), 128, 28, 28),
+        ("resnet50_c256_14x14_n32_k3", g3(256, 14), 256, 14, 14),
+        ("resnet50_c512_7x7_n32_k3", g3(512, 7), 512, 7, 7),
+    ]
+}
+
+fn bench_conv_t<T: Real + lapack::LapackReal>(
+    c: &mut Criterion,
+    layers: &[ConvLayer],
+    lib: Option<&lapack::Lapack>,
+) {
+    for &(name, geom, ch, h, w) in layers {
+        let (oh, ow) = geom.output_size().unwrap();
+        let k = geom.patch_len().unwrap();
+        let positions = geom.batch * oh * ow;
+        let xs = rand_vec::<T>(geom.batch * ch * h * w, 7);
+        let flops = (positions * k * (k + 1)) as u64;
+        let mut a = Mat::<T>::zeros(k, k);
+        let mut a_base = Mat::<T>::zeros(k, k);
+        let mut a_blas = vec![T::ZERO; k * k];
+        let mut buf = prefaulted(conv2d_a_update_scratch::<T>(&geom, false).unwrap());
+        // The baselines' materialized patch matrix (n*S x K, ~231 MB in f32
+        // for the 64-channel layer), column-major, and row-major for BLAS.
+        let mut big = vec![T::ZERO; positions * k];
+        let mut big_rm = vec![T::ZERO; positions * k];
+        let scale = T::ONE / T::from_usize(positions);
+
+        let mut g = group(c, format!("conv2d_a/{}/{name}", T::NAME));
+        g.throughput(Throughput::Elements(flops));
+        for (layout, lname) in [(ImageLayout::Nchw, "nchw"), (ImageLayout::Nhwc, "nhwc")] {
+            let img = ImageRef::new(&xs, layout, geom.batch, ch, h, w).unwrap();
+            for (label, par) in pars(true) {
+                g.bench_function(format!("conv2d_a_update_{lname}/{label}"), |b| {
+                    b.iter(|| {
+                        conv2d_a_update(
+                            a.as_mut(),
+                            T::ONE,
+                            T::ONE,
+                            black_box(img),
+                            &geom,
+                            false,
+                            ConvNormalization::Kfc,
+                            par,
+                            MemStack::new(&mut buf),
+                        )
+                        .unwrap()
+                    })
+                });
+                if lname == "nchw" {
+                    // The anchor: BLAS ?syrk on the already materialized
+                    // im2col (materialization not timed).
+                    if let Some(lib) = lib {
+                        im2col_plain(&mut big, &xs, layout, &geom);
+                        for col in 0..k {
+                            for p in 0..positions {
+                                big_rm[p * k + col] = big[col * positions + p];
+                            }
+                        }
+                        lib.set_threads(par.degree());
+                        if T::syrk(lib, k, positions, scale, &big_rm, &mut a_blas) {
+                            g.bench_function(format!("blas_syrk_on_im2col/{label}"), |b| {
+                                b.iter(|| {
+                                    T::syrk(
+                                        lib,
+                                        k,
+                                        positions,
+                                        scale,
+                                        black_box(&big_rm),
+                                        &mut a_blas,
+                                    )
+                                })
+                            });
+                        }
+                    }
+                }
+                if name == "resnet50_c64_56x56_n32_k3" {
+                    g.bench_function(format!("im2col_then_syrk_{lname}/{label}"), |b| {
+                        b.iter(|| {
+                            im2col_plain(&mut big, black_box(&xs), layout, &geom);
+                            let m = MatRef::from_column_major_slice(&big, positions, k);
+                            triangular::matmul(
+                                a_base.as_mut(),
+                                BlockStructure::TriangularLower,
+                                Accum::Add,
+                                m.transpose(),
+                                BlockStructure::Rectangular,
+                                m,
+                                BlockStructure::Rectangular,
+                                scale,
+                                par,
+                            );
+                        })
+                    });
+                }
+            }
         }
+        g.finish();
     }
-    g.finish();
 }
 
 fn bench_conv(c: &mut Criterion) {
-    bench_conv_t::<f32>(c);
-    bench_conv_t::<f64>(c);
+    let lib = lapack::Lapack::load();
+    let layers = resnet50_layers();
+    bench_conv_t::<f32>(c, &layers, lib.as_ref());
+    bench_conv_t::<f64>(c, &layers[2..3], lib.as_ref());
 }
 
 criterion_group!(

@@ -30,13 +30,32 @@ type SyevdFn<T> = unsafe extern "C" fn(
     usize,
 );
 
-/// A loaded LAPACK: `ssyevd`, `dsyevd` and, for OpenBLAS, its thread
-/// count setter.
+/// `?syrk_` with gfortran's hidden string lengths (ignored by C builds).
+type SyrkFn<T> = unsafe extern "C" fn(
+    *const c_char,
+    *const c_char,
+    *const c_int,
+    *const c_int,
+    *const T,
+    *const T,
+    *const c_int,
+    *const T,
+    *mut T,
+    *const c_int,
+    usize,
+    usize,
+);
+
+/// A loaded LAPACK: `ssyevd`, `dsyevd`, the BLAS `ssyrk`/`dsyrk` when the
+/// library has them (OpenBLAS does) and, for OpenBLAS, its thread count
+/// setter.
 pub struct Lapack {
     /// The library's file name as loaded, its symbol prefix and core.
     pub name: String,
     ssyevd: SyevdFn<f32>,
     dsyevd: SyevdFn<f64>,
+    ssyrk: Option<SyrkFn<f32>>,
+    dsyrk: Option<SyrkFn<f64>>,
     set_threads: Option<unsafe extern "C" fn(c_int)>,
 }
 
@@ -70,6 +89,7 @@ impl Lapack {
                     continue;
                 }
                 let t = sym("openblas_set_num_threads");
+                let (ss, ds) = (sym("ssyrk_"), sym("dsyrk_"));
                 let core = sym("openblas_get_corename");
                 let core = if core.is_null() {
                     String::from("-")
@@ -84,13 +104,18 @@ impl Lapack {
                         CStr::from_ptr(f()).to_string_lossy().into_owned()
                     }
                 };
-                // SAFETY: the symbols are LAPACK's ?syevd_ (the Fortran ABI
-                // declared by SyevdFn) and OpenBLAS's `void f(int)`.
+                // SAFETY: the symbols are LAPACK's ?syevd_ and BLAS's ?syrk_
+                // (the Fortran ABIs declared by SyevdFn and SyrkFn) and
+                // OpenBLAS's `void f(int)`.
                 return Some(unsafe {
                     Lapack {
                         name: format!("{name} ({prefix}?syevd_, core {core})"),
                         ssyevd: std::mem::transmute::<*mut c_void, SyevdFn<f32>>(s),
                         dsyevd: std::mem::transmute::<*mut c_void, SyevdFn<f64>>(d),
+                        ssyrk: (!ss.is_null())
+                            .then(|| std::mem::transmute::<*mut c_void, SyrkFn<f32>>(ss)),
+                        dsyrk: (!ds.is_null())
+                            .then(|| std::mem::transmute::<*mut c_void, SyrkFn<f64>>(ds)),
                         set_threads: (!t.is_null()).then(|| {
                             std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(t)
                         }),
@@ -134,6 +159,11 @@ pub trait LapackReal: Copy + Default {
         iwork: &mut [c_int],
         liwork: c_int,
     ) -> c_int;
+    /// `C += alpha A A^T` on the lower triangle (`?syrk_`, uplo `L`, trans
+    /// `N`): `A` column-major `n x k` (a row-major `k x n` matrix `X`, so
+    /// `C = X^T X`), `C` column-major `n x n`. `false` when the library has
+    /// no `?syrk_`.
+    fn syrk(lib: &Lapack, n: usize, k: usize, alpha: Self, a: &[Self], c: &mut [Self]) -> bool;
     /// The workspace size a query returned.
     fn to_len(self) -> usize;
     /// Widens to `f64`.
@@ -143,8 +173,41 @@ pub trait LapackReal: Copy + Default {
 }
 
 macro_rules! lapack_real {
-    ($t:ty, $f:ident) => {
+    ($t:ty, $f:ident, $syrk:ident) => {
         impl LapackReal for $t {
+            fn syrk(
+                lib: &Lapack,
+                n: usize,
+                k: usize,
+                alpha: Self,
+                a: &[Self],
+                c: &mut [Self],
+            ) -> bool {
+                let Some(f) = lib.$syrk else {
+                    return false;
+                };
+                assert!(a.len() >= n * k && c.len() >= n * n);
+                let (ni, ki, ld) = (n as c_int, k as c_int, n.max(1) as c_int);
+                // SAFETY: `a` holds `n x k` and `c` `n x n` column-major
+                // values (asserted), the flags are valid strings.
+                unsafe {
+                    f(
+                        c"L".as_ptr(),
+                        c"N".as_ptr(),
+                        &ni,
+                        &ki,
+                        &alpha,
+                        a.as_ptr(),
+                        &ld,
+                        &1.0,
+                        c.as_mut_ptr(),
+                        &ld,
+                        1,
+                        1,
+                    )
+                };
+                true
+            }
             fn syevd(
                 lib: &Lapack,
                 n: c_int,
@@ -193,8 +256,8 @@ macro_rules! lapack_real {
         }
     };
 }
-lapack_real!(f32, ssyevd);
-lapack_real!(f64, dsyevd);
+lapack_real!(f32, ssyevd, ssyrk);
+lapack_real!(f64, dsyevd, dsyrk);
 
 /// Buffers for repeated `?syevd` calls of one size.
 pub struct Syevd<T> {

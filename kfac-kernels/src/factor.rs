@@ -48,15 +48,19 @@ pub const fn factor_dim(d: usize, bias: bool) -> usize {
 
 /// Scratch needed by [`syrk_update`] for `n` rows of `d` columns.
 ///
-/// Only the bias row needs scratch (a vector of `n` ones for the column sums
-/// as one matrix-vector product, which streams `X` once in its own layout).
+/// Two parts, never needed at once: on CPUs with AVX-512 (and the `std`
+/// feature), the product's packing buffers, one per thread of `par`, each
+/// `min(n, 256) x d` values rounded up to a register width (the product
+/// runs on fewer threads if given less); with a bias, a vector of `n` ones
+/// (the column sums as one matrix-vector product, which streams `X` once in
+/// its own layout).
 pub fn syrk_update_scratch<T: Real>(n: usize, d: usize, bias: bool, par: Par) -> StackReq {
-    let _ = (d, par);
-    if bias {
+    let ones = if bias {
         temp_mat_scratch::<T>(n, 1)
     } else {
         StackReq::EMPTY
-    }
+    };
+    StackReq::any_of(&[ones, crate::syrk::scratch::<T>(n, d, par)])
 }
 
 /// Multiplies the lower triangle (diagonal included) of `c` by `alpha`.
@@ -89,6 +93,12 @@ pub(crate) fn scale_lower<T: Real>(mut c: MatMut<'_, T>, alpha: T) {
 ///
 /// Flops: `n * d * (d + 1)` multiply-adds for the triangle, plus `n * d` for the
 /// bias row.
+///
+/// The product runs on our own AVX-512 register kernels where the CPU has
+/// them (1.0-1.1x OpenBLAS `ssyrk`'s rate, BENCHMARKS.md) and on faer's
+/// triangular product otherwise (or for a `c` without a unit stride).
+/// With the register kernels the result is bitwise the same for every
+/// `par`.
 ///
 /// # Errors
 /// [`Error::DimensionMismatch`] if `c` is not `(d + bias)` square,
@@ -181,17 +191,7 @@ pub(crate) fn syrk_update_unchecked<T: Real>(
                 zero_lower(main);
             }
         } else {
-            triangular::matmul(
-                main,
-                BlockStructure::TriangularLower,
-                accum,
-                x.transpose(),
-                BlockStructure::Rectangular,
-                x,
-                BlockStructure::Rectangular,
-                beta,
-                par,
-            );
+            syrk_lower(main, accum, beta, x, par, stack);
         }
     }
     if bias {
@@ -215,6 +215,40 @@ pub(crate) fn syrk_update_unchecked<T: Real>(
             }
         }
     }
+}
+
+/// `C <- beta X^T X` (`Replace`) or `C + beta X^T X` (`Add`) on the lower
+/// triangle of `c`, nothing else written: our register kernels where the
+/// CPU has them (`crate::syrk`), faer's triangular product otherwise.
+pub(crate) fn syrk_lower<T: Real>(
+    mut c: MatMut<'_, T>,
+    accum: Accum,
+    beta: T,
+    x: MatRef<'_, T>,
+    par: Par,
+    stack: &mut MemStack,
+) {
+    let mut accum = accum;
+    if crate::syrk::applicable(c.rb()) {
+        if accum == Accum::Replace {
+            zero_lower(c.rb_mut());
+            accum = Accum::Add;
+        }
+        if crate::syrk::syrk_lower(c.rb_mut(), beta, x, par, stack) {
+            return;
+        }
+    }
+    triangular::matmul(
+        c,
+        BlockStructure::TriangularLower,
+        accum,
+        x.transpose(),
+        BlockStructure::Rectangular,
+        x,
+        BlockStructure::Rectangular,
+        beta,
+        par,
+    );
 }
 
 fn zero_lower<T: Real>(mut c: MatMut<'_, T>) {

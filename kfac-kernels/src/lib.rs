@@ -95,6 +95,7 @@ pub mod kl;
 pub mod kron;
 pub mod packed;
 mod scalar;
+mod syrk;
 mod tridiag;
 
 pub use error::{Error, Result};

@@ -130,6 +130,100 @@ both_types!(
     check_syrk
 );
 
+/// Shapes past the register kernels' blocking: several blocks of 256 rows
+/// (and a ragged last one), several register tiles of rows (48 in f32, 24
+/// in f64) and columns (8), and products large enough to be split over two
+/// threads.
+fn syrk_case_blocked() -> impl Strategy<Value = SyrkCase> {
+    (syrk_case(), 1usize..=600, 41usize..=200).prop_map(|(mut case, n, d)| {
+        case.n = n;
+        case.d = d;
+        case
+    })
+}
+
+both_types!(
+    syrk_update_matches_naive_gram_past_the_blocking,
+    syrk_case_blocked(),
+    check_syrk
+);
+
+/// The register kernels' row blocks (about 1000 rows of `C` in f32, 500 in
+/// f64) crossed, in every layout: one fixed case per type and layout.
+#[test]
+fn syrk_update_matches_naive_gram_across_row_blocks() {
+    for layout in [
+        Layout::ColMajor,
+        Layout::RowMajor,
+        Layout::ColStrided(3),
+        Layout::RowStrided(1),
+        Layout::Reversed,
+    ] {
+        for rayon in [false, true] {
+            let case = SyrkCase {
+                n: 300,
+                d: 1100,
+                bias: true,
+                alpha: 0.5,
+                beta: -1.25,
+                kind: Kind::Uniform,
+                x_layout: Layout::RowMajor,
+                c_layout: layout,
+                rayon,
+                seed: 7,
+            };
+            check_syrk::<f32>(&case).unwrap();
+            check_syrk::<f64>(&SyrkCase {
+                d: 600,
+                ..case.clone()
+            })
+            .unwrap();
+        }
+    }
+}
+
+/// One thread and two give the same bits (threads split the rows of `C`,
+/// never a sum).
+fn check_syrk_threads_bitwise<T: Flt>(case: &SyrkCase) -> Result<(), TestCaseError> {
+    let SyrkCase { n, d, .. } = *case;
+    let mut rng = Gen::new(case.seed);
+    let x = activations(&mut rng, n, d, case.kind).round::<T>();
+    let c0 = rng.matrix(d, d).round::<T>();
+    let xs = Stored::<T>::from_m(&x, case.x_layout, T::from_f64(f64::NAN));
+    let mut out = Vec::new();
+    for par in [faer::Par::Seq, faer::Par::rayon(2)] {
+        let mut c = Stored::<T>::from_m(&c0, case.c_layout, T::from_f64(SENTINEL));
+        let mut buf = buffer(syrk_update_scratch::<T>(n, d, false, par));
+        syrk_update(
+            c.view_mut(),
+            T::from_f64(case.alpha),
+            T::from_f64(case.beta),
+            xs.view(),
+            false,
+            par,
+            MemStack::new(&mut buf),
+        )
+        .map_err(fail)?;
+        out.push(c);
+    }
+    for j in 0..d {
+        for i in 0..d {
+            let (a, b) = (out[0].get(i, j), out[1].get(i, j));
+            prop_assert!(
+                a.bits() == b.bits(),
+                "C[{i},{j}]: {a} on one thread, {b} on two"
+            );
+        }
+    }
+    Ok(())
+}
+
+both_types!(
+    syrk_update_gives_the_same_bits_on_one_and_two_threads,
+    syrk_case_blocked(),
+    check_syrk_threads_bitwise
+);
+
 // ---------------------------------------------------------------------------
 // running_average
 // ---------------------------------------------------------------------------

@@ -104,7 +104,7 @@ fn error_of(f: &M, q: &M, l: &[f64]) -> f64 {
 /// its limit, and what it returns is as good as it claims: kept
 /// eigenvalues are `diag(Q^T F Q)` of the f64 reference; a refined basis's
 /// true error (f64) is within the reported bound (plus the working
-/// precision's rounding floor), below the old basis's drift, and the
+/// precision's rounding floor) and the limit, and the
 /// refined basis is orthogonal within that bound; a stale basis and the
 /// eigenvalues are untouched bitwise.
 fn check_refresh<T: Flt>(case: &Case) -> Result<(), TestCaseError> {
@@ -164,7 +164,11 @@ fn check_refresh<T: Flt>(case: &Case) -> Result<(), TestCaseError> {
             let floor2 = 16.0 * (d + 2) as f64 * eps * f.frob();
             let err = error_of(&f, &q2, &l2);
             check_le("refined error vs bound", err, r.bound + floor2)?;
-            check_le("refined error vs old drift", err, r.drift + floor2)?;
+            // Within the limit (the contract), not necessarily below the
+            // old drift: with a limit above the drift, a basis kept only
+            // for its clamped eigenvalues may be refined to an error a
+            // little above the drift (proptest found 1.06x).
+            check_le("refined error vs limit", err, limit + floor2)?;
             prop_assert!(r.orthogonality <= ORTH_LIMIT, "{r:?}");
             let orth = matmul(&q2.t(), &q2).sub(&M::identity(d)).frob();
             check_le(

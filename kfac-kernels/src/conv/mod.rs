@@ -23,8 +23,10 @@
 //!
 //! Memory: the patches are extracted into one tile of at most
 //! [`PATCH_TILE_BYTES`] (a `rows x (C kh kw + bias)` panel), then folded in with
-//! a symmetric rank-k update, so the extra memory does not grow with the batch
-//! or the image size.
+//! a symmetric rank-k update (the factor update's, see
+//! [`factor::syrk_update`](crate::factor::syrk_update)), so the extra memory
+//! (the tile plus the product's packing buffer of at most `256 x (C kh kw +
+//! bias)` values) does not grow with the batch or the image size.
 //!
 //! ```
 //! use faer::{Mat, Par};
@@ -47,7 +49,7 @@ use crate::factor::scale_lower;
 use crate::{check, Error, Real, Result};
 use faer::dyn_stack::{MemStack, StackReq};
 use faer::linalg::matmul::triangular::{self, BlockStructure};
-use faer::prelude::{Reborrow, ReborrowMut};
+use faer::prelude::ReborrowMut;
 use faer::{Accum, MatMut, MatRef, Par};
 
 /// Alignment of the patch tile (one cache line).
@@ -352,10 +354,12 @@ pub fn conv2d_a_update_scratch<T: Real>(geom: &Conv2dGeometry, bias: bool) -> Re
     let (oh, ow) = geom.output_size()?;
     let k = geom.patch_len()? + bias as usize;
     let positions = mul(mul(geom.batch, oh)?, ow)?;
-    Ok(StackReq::new_aligned::<T>(
-        mul(tile_rows::<T>(k, positions), k)?,
-        TILE_ALIGN,
-    ))
+    let rows = tile_rows::<T>(k, positions);
+    Ok(StackReq::all_of(&[
+        StackReq::new_aligned::<T>(mul(rows, k)?, TILE_ALIGN),
+        // One packing buffer of the product (shared by the threads).
+        crate::syrk::scratch::<T>(rows, k, Par::Seq),
+    ]))
 }
 
 /// Adds the conv2d A-factor statistic of a batch to one triangle:
@@ -492,7 +496,7 @@ fn conv2d_a_update_impl<T: Real>(
         return Ok(());
     }
     let rows = tile_rows::<T>(k, positions);
-    let (mut tile, _) = stack.make_aligned_with(rows * k, TILE_ALIGN, |_| T::ZERO);
+    let (mut tile, stack) = stack.make_aligned_with(rows * k, TILE_ALIGN, |_| T::ZERO);
     let tile: &mut [T] = &mut tile;
     let mut start = 0;
     while start < positions {
@@ -507,17 +511,7 @@ fn conv2d_a_update_impl<T: Real>(
         };
         extract_patches_par(tile, src, 0..k, kp, par);
         let t = MatRef::from_column_major_slice_with_stride(&tile[..], m, k, rows);
-        triangular::matmul(
-            a.rb_mut(),
-            BlockStructure::TriangularLower,
-            accum,
-            t.rb().transpose(),
-            BlockStructure::Rectangular,
-            t.rb(),
-            BlockStructure::Rectangular,
-            scale,
-            par,
-        );
+        crate::factor::syrk_lower(a.rb_mut(), accum, scale, t, par, stack);
         accum = Accum::Add;
         start += m;
     }
